@@ -1,0 +1,1 @@
+"""EarthGPT-X in JAX/Flax."""

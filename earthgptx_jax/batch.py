@@ -1,0 +1,41 @@
+"""The model's batch: the one contract between data pipeline, model, training and inference.
+
+All arrays have static shapes set by the config (B = train.batch_size or the inference batch):
+
+  V  = 1 + model.vision.max_tiles    views: the global view, then zoom tiles (padded)
+  S  = model.vision.image_size       side of every view, pixels
+  P  = model.prompt.max_prompts      visual prompts per example (padded)
+  M  = model.prompt.map_size         side of a rasterised prompt map, pixels
+  Q  = model.pixel.max_seg           [SEG] tokens / target masks per example (padded)
+  L  = data.max_length               text tokens
+
+Geometry conventions (owned by `data_pipelines/views.py`):
+  * The global view is the whole image resized so its longest side is S and padded bottom /
+    right to S x S (SAM's convention), so a mask in the global-view frame maps back to the
+    original image exactly as SAM post-processes (crop the unpadded part, resize).
+  * Tiles are crops of the original image resized to S x S; `view_affine` maps original pixel
+    coordinates to view pixel coordinates.
+
+| key              | dtype   | shape             | meaning                                                  |
+|------------------|---------|-------------------|----------------------------------------------------------|
+| pixel_values     | float32 | [B, V, S, S, 3]   | views after per-modality preprocessing, in [0, 1]; each  |
+|                  |         |                   | encoder applies its own mean/std inside the model         |
+| view_valid       | bool    | [B, V]            | False for padding tiles                                   |
+| view_affine      | float32 | [B, V, 2, 3]      | original pixel (x, y, 1) -> view pixel (x, y)             |
+| prompt_maps      | float32 | [B, P, M, M]      | each prompt rasterised on the global view, in {0, 1}      |
+| prompt_geometry  | float32 | [B, P, 4]         | (x1, y1, x2, y2) in the global view, in [0, 1]; points    |
+|                  |         |                   | are (x, y, x, y); free-form prompts give their bounds     |
+| prompt_type      | int32   | [B, P]            | 0 point, 1 box, 2 free-form (polygon / scribble / mask)   |
+| prompt_valid     | bool    | [B, P]            | False for padding prompts                                 |
+| input_ids        | int32   | [B, L]            | tokens, placeholders expanded (see template.py)           |
+| attention_mask   | bool    | [B, L]            | False at padding and at tokens of padding views           |
+| targets          | int32   | [B, L]            | next token (input_ids shifted left by one)                |
+| loss_mask        | bool    | [B, L]            | True where `targets` is an answer token                   |
+| vp_token_index   | int32   | [B, L]            | at a <vp_patch>: p * K + j (prompt p, its j-th token),    |
+|                  |         |                   | K = model.prompt.tokens_per_prompt; -1 elsewhere          |
+| seg_masks        | float32 | [B, Q, S, S]      | target mask of the q-th [SEG], global-view frame          |
+| seg_valid        | bool    | [B, Q]            | False for padding masks                                   |
+| image_size       | int32   | [B, 2]            | original (height, width)                                  |
+| task_id          | int32   | [B]               | index into data_pipelines.schema.TASKS                    |
+| modality_id      | int32   | [B]               | index into template.MODALITIES                            |
+"""

@@ -1,0 +1,98 @@
+"""Logical axis names -> mesh axes, and mesh construction.
+
+Every parameter is created with `nn.with_logical_partitioning(init, names)` and every large
+activation is constrained with `nn.with_logical_constraint(x, names)`. The table below is the
+only place where those logical names meet the physical mesh `('data', 'fsdp', 'tensor')`;
+changing how a model is split is a change to this table or to `config.mesh`, never to a module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical name, mesh axes). First match wins; a name missing from the table is replicated.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # Activations.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    # Parameters: FSDP over the model width, tensor parallelism over heads / MLP / vocab.
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    # Vision / prompt / pixel modules (convolutions and ViTs).
+    ("conv_height", None),
+    ("conv_width", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("vit_embed", "fsdp"),
+    ("vit_mlp", "tensor"),
+    ("vit_heads", "tensor"),
+    ("vit_head_dim", None),
+    ("tokens", None),
+)
+
+
+def logical_axis_rules():
+  """Rules in the form flax's `nn.logical_axis_rules` and `nn.logical_to_mesh_*` expect."""
+  return LOGICAL_AXIS_RULES
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Fills one `-1` entry so that the product equals `num_devices`."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh.shape: expected {len(MESH_AXES)} entries for axes {MESH_AXES}, "
+                     f"got {shape}")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh.shape: entries must be positive with at most one -1, got {shape}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh.shape: {shape} does not divide {num_devices} devices")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh.shape: {shape} needs {math.prod(shape)} devices, have {num_devices}")
+  return shape
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> jax.sharding.Mesh:
+  """A mesh over `('data', 'fsdp', 'tensor')` with Auto axis types (logical rules need Auto)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = resolve_mesh_shape(shape, len(devices))
+  if devices == jax.devices():
+    return jax.make_mesh(shape, MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_shardings(logical_specs, mesh: jax.sharding.Mesh):
+  """Pytree of logical PartitionSpecs (from `nn.get_partition_spec`) -> NamedShardings."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) dimension split over data and fsdp; the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,147 @@
+"""The one place for special tokens, the conversation template and the coordinate format.
+
+Text contract (shared by the data pipeline, the model's token splicing and inference):
+
+* A conversation is written with placeholders: `<image>` where the image goes, `<vp1>`,
+  `<vp2>`, ... where the 1st, 2nd, ... visual prompt goes, and `[SEG]` in an answer where a mask
+  is produced.
+* Before tokenisation, `<image>` expands to `<img>` + `<im_patch>` x N_image_tokens + `</img>`
+  and `<vpK>` expands to `<vp>` + `<vp_patch>` x tokens_per_prompt + `</vp>`. The model replaces
+  the embeddings at `<im_patch>` / `<vp_patch>` positions with image / prompt tokens (see
+  `models/earthgptx.py`); the data pipeline records, for every `<vp_patch>` position, which
+  prompt token it holds (`vp_token_index`, -1 elsewhere) so that prompts may be referenced in
+  any order and more than once.
+* Boxes and points in text are integers in 0..COORD_BINS-1 of the image side (x by width, y by
+  height): a box is `[x1,y1,x2,y2]`, a point is `[x,y]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_START = "<img>"
+IMAGE_END = "</img>"
+IMAGE_PATCH = "<im_patch>"
+VP_START = "<vp>"
+VP_END = "</vp>"
+VP_PATCH = "<vp_patch>"
+SEG = "[SEG]"
+PAD = "<pad>"
+
+# Tokens added to any base tokenizer, in this order (embedding rows are appended in this
+# order, so resizing is deterministic).
+SPECIAL_TOKENS: tuple[str, ...] = (IMAGE_START, IMAGE_END, IMAGE_PATCH, VP_START, VP_END,
+                                   VP_PATCH, SEG)
+
+VP_PLACEHOLDER_RE = re.compile(r"<vp(\d+)>")
+
+MODALITIES: tuple[str, ...] = ("optical", "sar", "infrared")
+MODALITY_PHRASE = {
+    "optical": "an optical remote-sensing image",
+    "sar": "a synthetic aperture radar (SAR) image",
+    "infrared": "an infrared remote-sensing image",
+}
+
+SYSTEM_PROMPT = ("A chat between a user and a remote-sensing assistant. The assistant answers "
+                 "about the image and the regions the user marks.")
+USER_ROLE = "USER"
+ASSISTANT_ROLE = "ASSISTANT"
+
+COORD_BINS = 1000
+
+
+def vp_placeholder(k: int) -> str:
+  """Placeholder of the k-th visual prompt, 1-based: `<vp1>`, `<vp2>`, ..."""
+  if k < 1:
+    raise ValueError(f"visual prompt index: must be >= 1, got {k}")
+  return f"<vp{k}>"
+
+
+def modality_preamble(modality: str) -> str:
+  if modality not in MODALITY_PHRASE:
+    raise ValueError(f"modality: unknown value {modality!r}; expected one of {MODALITIES}")
+  return f"This is {MODALITY_PHRASE[modality]}."
+
+
+# ----------------------------------------------------------------------------------------------
+# Coordinate text format.
+
+
+class CoordinateParseError(ValueError):
+  """Raised when answer text holds no well-formed coordinates."""
+
+
+def _quantize(v: float, size: float, name: str) -> int:
+  if not (v == v) or v in (float("inf"), float("-inf")):
+    raise ValueError(f"{name}: coordinate must be finite, got {v}")
+  if size <= 0:
+    raise ValueError(f"image size: must be positive, got {size}")
+  q = int(v / size * COORD_BINS)
+  return min(max(q, 0), COORD_BINS - 1)
+
+
+def _dequantize(q: int, size: float) -> float:
+  # Bin centre, so that text -> geometry -> text is the identity.
+  return (q + 0.5) / COORD_BINS * size
+
+
+def format_box(box: Sequence[float], width: float, height: float) -> str:
+  """Pixel box (x1, y1, x2, y2) of a `width` x `height` image -> `[x1,y1,x2,y2]` text."""
+  x1, y1, x2, y2 = (float(v) for v in box)
+  if x2 < x1 or y2 < y1:
+    raise ValueError(f"box: expected x1<=x2 and y1<=y2, got {tuple(box)}")
+  q = (_quantize(x1, width, "box x1"), _quantize(y1, height, "box y1"),
+       _quantize(x2, width, "box x2"), _quantize(y2, height, "box y2"))
+  return "[" + ",".join(str(v) for v in q) + "]"
+
+
+def format_point(point: Sequence[float], width: float, height: float) -> str:
+  x, y = (float(v) for v in point)
+  return f"[{_quantize(x, width, 'point x')},{_quantize(y, height, 'point y')}]"
+
+
+_NUMBER_LIST_RE = re.compile(r"\[\s*(-?\d+(?:\s*,\s*-?\d+)*)\s*\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedCoordinates:
+  boxes: list[tuple[float, float, float, float]]  # pixel coordinates
+  points: list[tuple[float, float]]
+
+
+def parse_coordinates(text: str, width: float, height: float) -> ParsedCoordinates:
+  """Finds every `[x1,y1,x2,y2]` box and `[x,y]` point in `text`, in pixel coordinates.
+
+  Raises CoordinateParseError (a ValueError) naming the offending fragment when a bracketed
+  list has the wrong arity or a value outside 0..COORD_BINS-1, or when x2<x1 / y2<y1.
+  Text with no bracketed list parses to empty lists.
+  """
+  boxes, points = [], []
+  for match in _NUMBER_LIST_RE.finditer(text):
+    values = [int(v) for v in match.group(1).split(",")]
+    if any(v < 0 or v >= COORD_BINS for v in values):
+      raise CoordinateParseError(f"coordinates {match.group(0)!r}: values must be in "
+                                 f"0..{COORD_BINS - 1}")
+    if len(values) == 4:
+      x1, y1, x2, y2 = values
+      if x2 < x1 or y2 < y1:
+        raise CoordinateParseError(f"box {match.group(0)!r}: expected x1<=x2 and y1<=y2")
+      boxes.append((_dequantize(x1, width), _dequantize(y1, height),
+                    _dequantize(x2, width), _dequantize(y2, height)))
+    elif len(values) == 2:
+      points.append((_dequantize(values[0], width), _dequantize(values[1], height)))
+    else:
+      raise CoordinateParseError(f"coordinates {match.group(0)!r}: expected 2 (point) or 4 "
+                                 f"(box) integers, got {len(values)}")
+  return ParsedCoordinates(boxes=boxes, points=points)
+
+
+def try_parse_boxes(text: str, width: float, height: float):
+  """Boxes in `text`, or None when the text is malformed (evaluation counts it as wrong)."""
+  try:
+    return parse_coordinates(text, width, height).boxes
+  except CoordinateParseError:
+    return None

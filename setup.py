@@ -1,0 +1,50 @@
+"""earthgptx_jax: EarthGPT-X (multi-source remote-sensing spatial MLLM) in JAX/Flax."""
+
+import setuptools
+
+# The CPU torch is only a numerical reference for tests. It is pinned because an
+# unpinned torch resolves to a multi-GB CUDA build; 2.14.1 + torchvision 0.29.1 is the
+# pair that open_clip (CLIP-ConvNeXt reference) imports with.
+TEST_REQUIRES = [
+    "pytest>=8",
+    "pytest-xdist",
+    "hypothesis",
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "open_clip_torch",
+    "timm",
+    "pycocotools",
+    "pycocoevalcap",
+]
+
+setuptools.setup(
+    name="earthgptx_jax",
+    version="0.1.0",
+    description="EarthGPT-X in JAX/Flax: multi-source remote-sensing MLLM with visual prompts",
+    packages=setuptools.find_packages(include=["earthgptx_jax*", "data_pipelines*", "configs*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tensorflow-datasets",
+        "array-record",
+        "ml-collections",
+        "transformers>=4.50",
+        "tokenizers",
+        "safetensors",
+        "numpy",
+        "absl-py",
+        "pillow",
+        "tifffile",
+        "etils[epath]",
+        "tensorboardX",
+    ],
+    extras_require={
+        "test": TEST_REQUIRES,
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+)

@@ -1,0 +1,23 @@
+"""Test-wide set-up: 8 XLA host devices (sharding tests), the shared real-data folder."""
+
+import os
+import pathlib
+
+# Must precede the first `import jax` anywhere in the test session.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """`../shared/data` (real samples, original formats); skipped only outside CI if absent."""
+  if not SHARED_DATA.is_dir():
+    if os.environ.get("CI"):
+      raise FileNotFoundError(f"shared data folder missing in CI: {SHARED_DATA}")
+    pytest.skip(f"real-data folder {SHARED_DATA} not present")
+  return SHARED_DATA
