@@ -47,10 +47,17 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
   # Filled by the vision issue (3): mixed CLIP-ConvNeXt + DINOv2 encoders and zoom views.
   model.vision = ConfigDict()
+  model.vision.image_size = 64 if is_tiny else 448  # side of every view (S in batch.py)
+  model.vision.max_tiles = 2 if is_tiny else 4  # zoom tiles besides the global view
+  model.vision.token_grid = 4 if is_tiny else 16  # image tokens per view = token_grid**2
   # Filled by the visual-prompt issue (4): spatial-aware encoder and integration block.
   model.prompt = ConfigDict()
+  model.prompt.max_prompts = 2 if is_tiny else 4  # P in batch.py
+  model.prompt.map_size = 32 if is_tiny else 224  # M: side of a rasterised prompt map
+  model.prompt.tokens_per_prompt = 4 if is_tiny else 8  # K: LLM tokens per visual prompt
   # Filled by the pixel-perception issue (5): SAM-style prompt encoder and mask decoder.
   model.pixel = ConfigDict()
+  model.pixel.max_seg = 2 if is_tiny else 3  # Q in batch.py: [SEG] tokens per example
 
   config.data = ConfigDict()
   config.data.max_length = 256 if is_tiny else 2048

@@ -1,0 +1,1 @@
+"""Weight conversion between PyTorch layouts (transformers / open_clip / SAM) and Flax params."""
