@@ -39,3 +39,60 @@ Geometry conventions (owned by `data_pipelines/views.py`):
 | task_id          | int32   | [B]               | index into data_pipelines.schema.TASKS                    |
 | modality_id      | int32   | [B]               | index into template.MODALITIES                            |
 """
+
+from __future__ import annotations
+
+import numpy as np
+
+
+# key -> (dtype, shape as a function of (B, config)).
+_SPEC = {
+    "pixel_values": (np.float32, lambda b, c: (b, _views(c), c.model.vision.image_size,
+                                               c.model.vision.image_size, 3)),
+    "view_valid": (np.bool_, lambda b, c: (b, _views(c))),
+    "view_affine": (np.float32, lambda b, c: (b, _views(c), 2, 3)),
+    "prompt_maps": (np.float32, lambda b, c: (b, c.model.prompt.max_prompts,
+                                              c.model.prompt.map_size, c.model.prompt.map_size)),
+    "prompt_geometry": (np.float32, lambda b, c: (b, c.model.prompt.max_prompts, 4)),
+    "prompt_type": (np.int32, lambda b, c: (b, c.model.prompt.max_prompts)),
+    "prompt_valid": (np.bool_, lambda b, c: (b, c.model.prompt.max_prompts)),
+    "input_ids": (np.int32, lambda b, c: (b, c.data.max_length)),
+    "attention_mask": (np.bool_, lambda b, c: (b, c.data.max_length)),
+    "targets": (np.int32, lambda b, c: (b, c.data.max_length)),
+    "loss_mask": (np.bool_, lambda b, c: (b, c.data.max_length)),
+    "vp_token_index": (np.int32, lambda b, c: (b, c.data.max_length)),
+    "seg_masks": (np.float32, lambda b, c: (b, c.model.pixel.max_seg, c.model.vision.image_size,
+                                            c.model.vision.image_size)),
+    "seg_valid": (np.bool_, lambda b, c: (b, c.model.pixel.max_seg)),
+    "image_size": (np.int32, lambda b, c: (b, 2)),
+    "task_id": (np.int32, lambda b, c: (b,)),
+    "modality_id": (np.int32, lambda b, c: (b,)),
+}
+
+
+def _views(config) -> int:
+  return 1 + config.model.vision.max_tiles
+
+
+def batch_shapes(config, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of every batch field for `config` and `batch_size`."""
+  return {k: (fn(batch_size, config), np.dtype(dt)) for k, (dt, fn) in _SPEC.items()}
+
+
+def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
+  """An all-zeros batch with the right shapes (model init and compile; never trained on)."""
+  batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(config,
+                                                                           batch_size).items()}
+  batch["vp_token_index"][:] = -1
+  return batch
+
+
+def validate_batch(batch: dict, config, batch_size: int) -> None:
+  """Raises ValueError naming the first field whose shape or dtype breaks the contract."""
+  for key, (shape, dtype) in batch_shapes(config, batch_size).items():
+    if key not in batch:
+      raise ValueError(f"batch: missing field {key!r}")
+    value = batch[key]
+    if tuple(value.shape) != shape or np.dtype(value.dtype) != dtype:
+      raise ValueError(f"batch field {key!r}: expected {dtype} {shape}, "
+                       f"got {np.dtype(value.dtype)} {tuple(value.shape)}")
