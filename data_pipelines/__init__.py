@@ -1,0 +1,1 @@
+"""Data: record schema, dataset builders, views, per-modality preprocessing, grain pipeline."""
