@@ -1,0 +1,102 @@
+"""EarthGPT-X: the thin composite of encoders, visual prompts, LLM and pixel decoder.
+
+    pixel_values [B,V,S,S,3] -> MixedVisionEncoder -> image tokens [B,N,C], dense [B,h,w,Cd]
+    prompt maps/geometry     -> VisualPromptEncoder -> prompt embeds [B,P,K,Dp]
+    (image tokens, prompt embeds) -> ContentIntegration -> [B,N,H], [B,P,K,H]
+    text embeddings with image / prompt tokens spliced in at <im_patch> / <vp_patch> -> Llama
+    last-layer hidden state that predicts each [SEG] -> PixelDecoder(dense) -> mask logits
+
+Splicing and [SEG] gathering use only static shapes (cumsum + take_along_axis + where), so the
+whole forward jits once per config. As in LISA, the hidden state used for a [SEG] is the one
+*at the position that predicts it* (`targets == [SEG]`); generation reads the same state, the
+one that emitted the [SEG] token.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from earthgptx_jax.models import fusion, llama, pixel, prompts, vision
+
+
+class EarthGPTXOutput(NamedTuple):
+  logits: jax.Array  # [B, L, V]
+  hidden_states: jax.Array  # [B, L, H], last layer after the final norm
+  mask_logits: jax.Array  # [B, Q, S, S], global-view frame
+  iou_scores: jax.Array  # [B, Q]
+  seg_valid: jax.Array  # [B, Q]: a [SEG] exists at that slot
+
+
+def token_id(config: ml_collections.ConfigDict, name: str) -> int:
+  value = config.token_ids.get(name, None)
+  if value is None or value < 0:
+    raise ValueError(f"config.model.token_ids.{name}: unset ({value!r}); the trainer fills it "
+                     "from the tokenizer (earthgptx_jax.tokenizer)")
+  return int(value)
+
+
+def splice_tokens(text_embeds, input_ids, vp_token_index, image_embeds, prompt_embeds,
+                  image_patch_id: int):
+  """Places image and prompt tokens at their placeholder positions.
+
+  text_embeds [B,L,H]; input_ids, vp_token_index [B,L]; image_embeds [B,N,H] (in order of the
+  <im_patch> positions); prompt_embeds [B,P,K,H] (a <vp_patch> at position t holds prompt token
+  vp_token_index[t] of the flattened [P*K]).
+  """
+  b, n, h = image_embeds.shape
+  is_image = input_ids == image_patch_id
+  image_slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, n - 1)
+  image_at = jnp.take_along_axis(image_embeds, image_slot[..., None], axis=1)
+  flat_prompts = prompt_embeds.reshape(b, -1, h)
+  prompt_at = jnp.take_along_axis(
+      flat_prompts, jnp.clip(vp_token_index, 0, flat_prompts.shape[1] - 1)[..., None], axis=1)
+  x = jnp.where(is_image[..., None], image_at.astype(text_embeds.dtype), text_embeds)
+  return jnp.where((vp_token_index >= 0)[..., None], prompt_at.astype(text_embeds.dtype), x)
+
+
+class EarthGPTX(nn.Module):
+  config: ml_collections.ConfigDict  # the `model` section
+
+  def setup(self):
+    cfg = self.config
+    self.vision = vision.MixedVisionEncoder(cfg.vision)
+    self.prompt_encoder = prompts.VisualPromptEncoder(cfg.prompt)
+    self.integration = fusion.ContentIntegration(cfg.prompt, cfg.llm.hidden_size)
+    self.llm = llama.Llama(cfg.llm)
+    self.pixel = pixel.PixelDecoder(cfg.pixel)
+
+  def encode_visual(self, batch):
+    """-> image tokens [B,N,H], prompt tokens [B,P,K,H] (LLM width), dense map [B,h,w,C]."""
+    image_tokens, dense = self.vision(batch["pixel_values"])
+    tokens_per_view = image_tokens.shape[1] // batch["view_valid"].shape[1]
+    image_valid = jnp.repeat(batch["view_valid"], tokens_per_view, axis=1)
+    prompt_embeds = self.prompt_encoder(batch["prompt_maps"], batch["prompt_geometry"],
+                                        batch["prompt_type"], batch["prompt_valid"])
+    image_llm, prompt_llm = self.integration(image_tokens, image_valid, prompt_embeds,
+                                             batch["prompt_valid"])
+    return image_llm, prompt_llm, dense
+
+  def embed_inputs(self, batch, image_llm, prompt_llm):
+    """Text embeddings [B,L,H] with the visual tokens spliced in."""
+    text = self.llm.embed(batch["input_ids"])
+    return splice_tokens(text, batch["input_ids"], batch["vp_token_index"], image_llm,
+                         prompt_llm, token_id(self.config, "image_patch"))
+
+  def decode_masks(self, hidden_states, seg_positions_ids, dense):
+    """Masks for every [SEG] predicted at a position where `seg_positions_ids == [SEG]`."""
+    states, valid = pixel.gather_seg_states(hidden_states, seg_positions_ids,
+                                            token_id(self.config, "seg"), self.config.pixel.max_seg)
+    mask_logits, iou = self.pixel(states, valid, dense)
+    return mask_logits, iou, valid
+
+  def __call__(self, batch) -> EarthGPTXOutput:
+    image_llm, prompt_llm, dense = self.encode_visual(batch)
+    embeds = self.embed_inputs(batch, image_llm, prompt_llm)
+    out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+    mask_logits, iou, valid = self.decode_masks(out.hidden_states, batch["targets"], dense)
+    return EarthGPTXOutput(out.logits, out.hidden_states, mask_logits, iou, valid)

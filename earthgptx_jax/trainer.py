@@ -1,0 +1,171 @@
+"""Sharded train state and the jitted train step (everything train.py runs per step).
+
+The state is created already sharded: `jax.jit(init, out_shardings=...)` materialises every
+parameter and optimizer moment directly in its shard, so the paper preset never exists whole
+on one device. Shardings come from the parameters' logical axis names through the one rules
+table in `sharding.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from earthgptx_jax import batch as batch_lib
+from earthgptx_jax import losses, optim, sharding
+from earthgptx_jax.models import earthgptx
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  skipped_steps: jax.Array  # updates skipped because the loss or gradients were not finite
+
+
+def build_model(config: ml_collections.ConfigDict) -> earthgptx.EarthGPTX:
+  return earthgptx.EarthGPTX(config.model)
+
+
+def _init_boxed(model, optimizer, config, rng):
+  example = jax.tree.map(jnp.asarray, batch_lib.example_batch(config, 1))
+  params = model.init(rng, example)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def make_optimizer(config, model) -> optax.GradientTransformation:
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jax.tree.map(
+          jnp.asarray, batch_lib.example_batch(config, 1)))["params"])
+  return optim.make_optimizer(config.train, nn.meta.unbox(abstract))
+
+
+def state_shardings(model, optimizer, config, mesh):
+  """(abstract unboxed state, NamedShardings of the state) for `mesh`."""
+  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    boxed = jax.eval_shape(functools.partial(_init_boxed, model, optimizer, config),
+                           jax.random.key(0))
+  specs = nn.get_partition_spec(boxed)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding.LOGICAL_AXIS_RULES)
+  return nn.meta.unbox(boxed), shardings
+
+
+def create_state(model, optimizer, config, mesh, rng) -> tuple[TrainState, Any]:
+  """Initialises the train state directly into its shards; returns (state, shardings)."""
+  _, shardings = state_shardings(model, optimizer, config, mesh)
+
+  def init(rng):
+    return nn.meta.unbox(_init_boxed(model, optimizer, config, rng))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def batch_shardings(config, mesh, batch_size: int):
+  return {k: sharding.batch_sharding(mesh, len(shape))
+          for k, (shape, _) in batch_lib.batch_shapes(config, batch_size).items()}
+
+
+def compute_losses(model, config, params, batch, num_tasks: int):
+  """Total loss and its parts: token CE (answer tokens), mask BCE and Dice, CE per task."""
+  out = model.apply({"params": params}, batch)
+  weights = config.model.pixel.loss_weights
+  ce, ce_count = losses.token_cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
+  seg_valid = out.seg_valid & batch["seg_valid"]
+  mask = losses.mask_losses(out.mask_logits, batch["seg_masks"], seg_valid)
+  total = weights.ce * ce + weights.bce * mask["bce"] + weights.dice * mask["dice"]
+  task_ce_sum, task_count = losses.token_cross_entropy_per_task(
+      out.logits, batch["targets"], batch["loss_mask"], batch["task_id"], num_tasks)
+  metrics = {"loss": total, "ce": ce, "mask_bce": mask["bce"], "mask_dice": mask["dice"],
+             "answer_tokens": ce_count, "task_ce_sum": task_ce_sum, "task_tokens": task_count,
+             "masks": jnp.sum(seg_valid)}
+  return total, metrics
+
+
+def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
+  """The jitted step: grad accumulation over micro-batches, NaN-safe update, donated state."""
+  accum = int(config.train.get("grad_accum_steps", 1))
+  batch_size = int(config.train.batch_size)
+  if batch_size % accum:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by "
+                     f"train.grad_accum_steps={accum}")
+
+  def grads_and_metrics(params, batch):
+    grad_fn = jax.value_and_grad(
+        functools.partial(compute_losses, model, config, num_tasks=num_tasks), has_aux=True)
+    if accum == 1:
+      (_, metrics), grads = grad_fn(params, batch)
+      return grads, metrics
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def body(carry, mb):
+      (_, m), g = grad_fn(params, mb)
+      return jax.tree.map(jnp.add, carry, (g, m)), None
+
+    zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+    (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+    scale = 1.0 / accum
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    for k in ("loss", "ce", "mask_bce", "mask_dice"):
+      metrics[k] = metrics[k] * scale
+    return grads, metrics
+
+  def step(state: TrainState, batch):
+    grads, metrics = grads_and_metrics(state.params, batch)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                           opt_state=keep(new_opt_state, state.opt_state),
+                           skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    metrics = dict(metrics, grad_norm=grad_norm, update_skipped=~finite,
+                   learning_rate=optim.learning_rate_schedule(config.train)(state.step))
+    return new_state, metrics
+
+  batch_sh = batch_shardings(config, mesh, batch_size)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=(0,))
+
+  def run(state, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      return jitted(state, batch)
+
+  run.jitted = jitted
+  return run
+
+
+def make_eval_step(model, config, mesh, state_sh, num_tasks: int):
+  """Loss metrics on a batch, no update (teacher-forced)."""
+  batch_sh = batch_shardings(config, mesh, int(config.train.batch_size))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  jitted = jax.jit(
+      lambda params, batch: compute_losses(model, config, params, batch, num_tasks)[1],
+      in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
+
+  def run(params, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      return jitted(params, batch)
+  return run
+
+
+def global_batch(local_batch: dict[str, np.ndarray], config, mesh):
+  """Assembles per-process numpy batches into global jax.Arrays sharded over data x fsdp."""
+  shardings = batch_shardings(config, mesh, int(config.train.batch_size))
+  return {k: jax.make_array_from_process_local_data(shardings[k], v)
+          for k, v in local_batch.items()}
