@@ -22,6 +22,32 @@ def _llm(preset):
   raise ValueError(f"config preset: unknown value {preset!r}; expected paper, paper13b or tiny")
 
 
+def _pixel(pixel: ConfigDict, is_tiny: bool) -> None:
+  """Pixel perception (issue 5): [SEG] -> SAM prompt -> two-way mask decoder (LISA recipe)."""
+  # 'sam': SAM ViT over the global view (as LISA); 'mixed': the mixed encoders' dense map,
+  # projected to the decoder width (no extra image encoder).
+  pixel.image_encoder = "sam"
+  pixel.dtype = "float32" if is_tiny else "bfloat16"
+  pixel.param_dtype = "float32"
+  pixel.ce_weight = 1.0
+  pixel.bce_weight = 2.0
+  pixel.dice_weight = 0.5
+  pixel.mask_threshold = 0.0  # logit threshold for binary masks (SAM's)
+  pixel.pretrained_path = None  # local HF SamModel folder (safetensors)
+  pixel.decoder = ConfigDict(dict(  # SAM's mask decoder is the same for ViT-B/L/H
+      hidden_size=32 if is_tiny else 256, num_layers=2, num_heads=2 if is_tiny else 8,
+      mlp_dim=64 if is_tiny else 2048, attention_downsample_rate=2, num_multimask_outputs=3,
+      iou_head_depth=3, iou_head_hidden_dim=32 if is_tiny else 256,
+      mask_input_channels=8 if is_tiny else 16, layer_norm_eps=1e-6))
+  pixel.sam_vit = ConfigDict(dict(  # paper: SAM ViT-H
+      image_size=64 if is_tiny else 1024, patch_size=8 if is_tiny else 16,
+      hidden_size=32 if is_tiny else 1280, num_layers=2 if is_tiny else 32,
+      num_heads=2 if is_tiny else 16, mlp_dim=64 if is_tiny else 5120,
+      window_size=4 if is_tiny else 14, global_attn_indexes=(1,) if is_tiny else (7, 15, 23, 31),
+      layer_norm_eps=1e-6, qkv_bias=True,
+      pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225)))  # of [0, 1] pixels
+
+
 def get_config(arg: str | None = None) -> ConfigDict:
   preset = arg or "paper"
   is_tiny = preset == "tiny"
@@ -40,7 +66,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   llm.dtype = "float32" if is_tiny else "bfloat16"  # compute dtype
   llm.param_dtype = "float32"
   llm.remat = not is_tiny
+  llm.remat_policy = "nothing_saveable"  # a zero-argument jax.checkpoint_policies name
   llm.scan_layers = not is_tiny
+  llm.initializer_range = 0.02  # std of the normal init (HF LlamaConfig.initializer_range)
   llm.attention_impl = "xla"  # xla | cudnn | auto (see issue 9)
   llm.pretrained_path = None  # local HF LlamaForCausalLM folder
   llm.tokenizer_path = None  # local HF tokenizer folder; None -> project tokenizer for tiny
@@ -50,6 +78,41 @@ def get_config(arg: str | None = None) -> ConfigDict:
   model.vision.image_size = 64 if is_tiny else 448  # side of every view (S in batch.py)
   model.vision.max_tiles = 2 if is_tiny else 4  # zoom tiles besides the global view
   model.vision.token_grid = 4 if is_tiny else 16  # image tokens per view = token_grid**2
+  model.vision.dtype = "float32" if is_tiny else "bfloat16"  # compute dtype
+  model.vision.param_dtype = "float32"
+  model.vision.remat = not is_tiny
+  model.vision.attention_impl = "xla"  # DINOv2 attention: xla | cudnn | auto
+  # Image tokens = both encoders' maps resized to token_grid and concatenated on channels; the
+  # dense map for the pixel decoder (global view only) comes from `dense_source`:
+  # "convnext" (stage `dense_stage`), "dino" (patch grid) or "mixed" (the token grid).
+  model.vision.convnext_stage = -1  # ConvNeXt stage feeding the image tokens
+  model.vision.dino_layer = -1  # DINOv2 block output feeding them (-1: after final norm)
+  model.vision.dense_source = "convnext"
+  model.vision.dense_stage = 2  # stride 16: 28x28 at 448
+  # CLIP-ConvNeXt trunk (open_clip convnext_large_d_320 = timm convnext_large).
+  model.vision.convnext = ConfigDict(dict(
+      depths=(1, 1, 2, 1) if is_tiny else (3, 3, 27, 3),
+      dims=(8, 16, 24, 32) if is_tiny else (192, 384, 768, 1536),
+      in_channels=3, patch_size=4, kernel_size=7, mlp_ratio=4, layer_norm_eps=1e-6,
+      layer_scale_init=1e-6,
+      image_mean=(0.48145466, 0.4578275, 0.40821073),  # OpenAI CLIP
+      image_std=(0.26862954, 0.26130258, 0.27577711),
+      pretrained_path=None))  # open_clip/timm state dict or HF ConvNext folder
+  # DINOv2 ViT (HF Dinov2Model layout), ViT-L/14 pretrained at 518.
+  model.vision.dino = ConfigDict(dict(
+      hidden_size=16 if is_tiny else 1024, num_layers=2 if is_tiny else 24,
+      num_heads=2 if is_tiny else 16, mlp_ratio=4.0, patch_size=8 if is_tiny else 14,
+      in_channels=3, pretrain_image_size=32 if is_tiny else 518, num_register_tokens=0,
+      layer_norm_eps=1e-6, layerscale_value=1.0, use_swiglu_ffn=False, qkv_bias=True,
+      pos_interp_antialias=False,  # True for HF Dinov2WithRegisters
+      use_mask_token=True,
+      image_mean=(0.485, 0.456, 0.406),  # ImageNet
+      image_std=(0.229, 0.224, 0.225),
+      pretrained_path=None))  # HF Dinov2 folder
+  # Per-modality preprocessing (data_pipelines/preprocess.py).
+  model.vision.preprocess = ConfigDict(dict(
+      optical_bands=(0, 1, 2), optical_percentiles=(1.0, 99.0), sar_scale="amplitude",
+      sar_percentiles=(1.0, 99.0), infrared_percentiles=(1.0, 99.9)))
   # Filled by the visual-prompt issue (4): spatial-aware encoder and integration block.
   model.prompt = ConfigDict()
   model.prompt.max_prompts = 2 if is_tiny else 4  # P in batch.py
@@ -58,6 +121,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # Filled by the pixel-perception issue (5): SAM-style prompt encoder and mask decoder.
   model.pixel = ConfigDict()
   model.pixel.max_seg = 2 if is_tiny else 3  # Q in batch.py: [SEG] tokens per example
+  _pixel(model.pixel, is_tiny)
 
   config.data = ConfigDict()
   config.data.max_length = 256 if is_tiny else 2048

@@ -1,0 +1,1 @@
+"""Flax Linen networks: the LLaMA decoder, shared attention, decoding; encoders and heads."""
