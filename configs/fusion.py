@@ -7,6 +7,7 @@ default. Every size used by a module lives here; modules hold no size literals.
 import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
+placeholder = ml_collections.config_dict.placeholder
 
 
 def _llm(preset):
@@ -70,8 +71,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   llm.scan_layers = not is_tiny
   llm.initializer_range = 0.02  # std of the normal init (HF LlamaConfig.initializer_range)
   llm.attention_impl = "xla"  # xla | cudnn | auto (see issue 9)
-  llm.pretrained_path = None  # local HF LlamaForCausalLM folder
-  llm.tokenizer_path = None  # local HF tokenizer folder; None -> project tokenizer for tiny
+  llm.pretrained_path = placeholder(str)  # local HF LlamaForCausalLM folder
+  llm.tokenizer_path = placeholder(str)  # local HF tokenizer folder; None -> project tokenizer for tiny
 
   # Filled by the vision issue (3): mixed CLIP-ConvNeXt + DINOv2 encoders and zoom views.
   model.vision = ConfigDict()
@@ -134,6 +135,18 @@ def get_config(arg: str | None = None) -> ConfigDict:
   train.weight_decay = 0.0
   train.grad_clip_norm = 1.0
   train.log_every_steps = 10
+  train.grad_accum_steps = 1
+  train.eval_every_steps = 0 if is_tiny else 2000  # 0: evaluate only at the end
+  train.eval_examples = 96 if is_tiny else 1000
+  train.peak_flops = placeholder(float)  # per-job FLOP/s for MFU; None measures a matmul peak at start
+  # Regexes over '/'-joined paths of {"params": model params, "lora": adapters}. The paper
+  # trains the new modules and the LLM (attention; embeddings for the new tokens) with the
+  # pretrained vision encoders frozen; tiny trains everything (its encoders are random).
+  train.frozen_patterns = () if is_tiny else (r"^params/vision/", r"^params/llm/.*/mlp/")
+  train.lora = ConfigDict()
+  train.lora.rank = 0  # 0 disables LoRA
+  train.lora.alpha = 16.0
+  train.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
 
   # Axes ('data', 'fsdp', 'tensor'); one -1 fills the remaining devices.
   config.mesh = ConfigDict()
@@ -144,4 +157,16 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.checkpoint.every_steps = 100 if is_tiny else 1000
   config.checkpoint.max_to_keep = 3
   config.checkpoint.async_save = True
+  config.checkpoint.best_metric = placeholder(str)  # e.g. "score"; keeps the best checkpoint by eval
+  config.checkpoint.best_mode = "max"
+  config.checkpoint.keep_best = 1
+
+  # Multi-host: enabled=True calls jax.distributed.initialize with the fields that are set
+  # (all None: auto-detection on Cloud TPU / SLURM / Kubernetes).
+  config.distributed = ConfigDict()
+  config.distributed.enabled = False
+  config.distributed.coordinator_address = placeholder(str)
+  config.distributed.num_processes = placeholder(int)
+  config.distributed.process_id = placeholder(int)
+  config.distributed.local_device_ids = placeholder(tuple)
   return config

@@ -154,7 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, _ = trainer.create_state(model, optimizer, config, mesh,
                                     jax.random.key(int(config.seed)))
     from earthgptx_jax import pretrained
-    state = state.replace(params=pretrained.load_into(state.params, config, log=_log))
+    state = state.replace(trainable=dict(
+        state.trainable, params=pretrained.load_into(state.params, config, log=_log)))
     _log(f"initialised a new run in {workdir} (mesh {dict(mesh.shape)})")
   else:
     step, state = restored
@@ -187,7 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_every = int(config.train.get("eval_every_steps", 0) or 0)
     eval_metrics = None
     if eval_every and step % eval_every == 0 and step < total_steps:
-      eval_metrics = evaluate.evaluate_params(state.params, config, data, mesh=mesh,
+      eval_metrics = evaluate.evaluate_params(trainer.model_params(state.trainable, config),
+                                              config, data, mesh=mesh,
                                               max_examples=config.train.get("eval_examples"))
       progress.write_eval(step, eval_metrics)
       _log("eval " + evaluate.format_summary(eval_metrics))
@@ -203,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step < total_steps:
       batch = trainer.global_batch(next(train_iter), config, mesh)
   ckpt.wait()
-  final = evaluate.evaluate_params(state.params, config, data, mesh=mesh,
+  final = evaluate.evaluate_params(trainer.model_params(state.trainable, config), config, data,
+                                   mesh=mesh,
                                    max_examples=config.train.get("eval_examples"))
   progress.write_eval(step, final)
   _log("final eval " + evaluate.format_summary(final))

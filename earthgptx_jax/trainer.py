@@ -21,33 +21,53 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import losses, optim, sharding
+from earthgptx_jax import lora, losses, optim, sharding
 from earthgptx_jax.models import earthgptx
 
 
 @flax.struct.dataclass
 class TrainState:
+  """`trainable` = {"params": model params, "lora": LoRA adapters ({} when LoRA is off)}."""
   step: jax.Array
-  params: Any
+  trainable: Any
   opt_state: Any
   skipped_steps: jax.Array  # updates skipped because the loss or gradients were not finite
+
+  @property
+  def params(self):
+    return self.trainable["params"]
+
+
+def model_params(trainable, config):
+  """The params the model runs with: LoRA adapters folded into their kernels."""
+  return lora.merge(trainable["params"], trainable["lora"], config.train.lora)
+
+
+def _lora_enabled(config) -> bool:
+  return int(config.train.lora.rank) > 0
 
 
 def build_model(config: ml_collections.ConfigDict) -> earthgptx.EarthGPTX:
   return earthgptx.EarthGPTX(config.model)
 
 
-def _init_boxed(model, optimizer, config, rng):
+def _init_trainable(model, config, rng):
   example = jax.tree.map(jnp.asarray, batch_lib.example_batch(config, 1))
-  params = model.init(rng, example)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), skipped_steps=jnp.zeros((), jnp.int32))
+  model_rng, lora_rng = jax.random.split(rng)
+  params = model.init(model_rng, example)["params"]
+  adapters = (lora.init(lora_rng, nn.meta.unbox(params), config.train.lora)
+              if _lora_enabled(config) else {})
+  return {"params": params, "lora": adapters}
+
+
+def _init_boxed(model, optimizer, config, rng):
+  trainable = _init_trainable(model, config, rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                    opt_state=optimizer.init(trainable), skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def make_optimizer(config, model) -> optax.GradientTransformation:
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jax.tree.map(
-          jnp.asarray, batch_lib.example_batch(config, 1)))["params"])
+  abstract = jax.eval_shape(functools.partial(_init_trainable, model, config), jax.random.key(0))
   return optim.make_optimizer(config.train, nn.meta.unbox(abstract))
 
 
@@ -78,9 +98,9 @@ def batch_shardings(config, mesh, batch_size: int):
           for k, (shape, _) in batch_lib.batch_shapes(config, batch_size).items()}
 
 
-def compute_losses(model, config, params, batch, num_tasks: int):
+def compute_losses(model, config, trainable, batch, num_tasks: int):
   """Total loss and its parts: token CE (answer tokens), mask BCE and Dice, CE per task."""
-  out = model.apply({"params": params}, batch)
+  out = model.apply({"params": model_params(trainable, config)}, batch)
   weights = config.model.pixel.loss_weights
   ce, ce_count = losses.token_cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
   seg_valid = out.seg_valid & batch["seg_valid"]
@@ -102,19 +122,19 @@ def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
     raise ValueError(f"train.batch_size={batch_size} is not divisible by "
                      f"train.grad_accum_steps={accum}")
 
-  def grads_and_metrics(params, batch):
+  def grads_and_metrics(trainable, batch):
     grad_fn = jax.value_and_grad(
         functools.partial(compute_losses, model, config, num_tasks=num_tasks), has_aux=True)
     if accum == 1:
-      (_, metrics), grads = grad_fn(params, batch)
+      (_, metrics), grads = grad_fn(trainable, batch)
       return grads, metrics
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
     def body(carry, mb):
-      (_, m), g = grad_fn(params, mb)
+      (_, m), g = grad_fn(trainable, mb)
       return jax.tree.map(jnp.add, carry, (g, m)), None
 
-    zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)))
+    zeros = jax.eval_shape(lambda: grad_fn(trainable, jax.tree.map(lambda x: x[0], micro)))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
     (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
     scale = 1.0 / accum
@@ -124,13 +144,13 @@ def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
     return grads, metrics
 
   def step(state: TrainState, batch):
-    grads, metrics = grads_and_metrics(state.params, batch)
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    grads, metrics = grads_and_metrics(state.trainable, batch)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    new_trainable = optax.apply_updates(state.trainable, updates)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+    new_state = TrainState(step=state.step + 1, trainable=keep(new_trainable, state.trainable),
                            opt_state=keep(new_opt_state, state.opt_state),
                            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
     metrics = dict(metrics, grad_norm=grad_norm, update_skipped=~finite,
@@ -155,12 +175,12 @@ def make_eval_step(model, config, mesh, state_sh, num_tasks: int):
   batch_sh = batch_shardings(config, mesh, int(config.train.batch_size))
   replicated = NamedSharding(mesh, PartitionSpec())
   jitted = jax.jit(
-      lambda params, batch: compute_losses(model, config, params, batch, num_tasks)[1],
-      in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
+      lambda trainable, batch: compute_losses(model, config, trainable, batch, num_tasks)[1],
+      in_shardings=(state_sh.trainable, batch_sh), out_shardings=replicated)
 
-  def run(params, batch):
+  def run(trainable, batch):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      return jitted(params, batch)
+      return jitted(trainable, batch)
   return run
 
 
