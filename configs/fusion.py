@@ -39,13 +39,13 @@ def _pixel(pixel: ConfigDict, is_tiny: bool) -> None:
       hidden_size=32 if is_tiny else 256, num_layers=2, num_heads=2 if is_tiny else 8,
       mlp_dim=64 if is_tiny else 2048, attention_downsample_rate=2, num_multimask_outputs=3,
       iou_head_depth=3, iou_head_hidden_dim=32 if is_tiny else 256,
-      mask_input_channels=8 if is_tiny else 16, layer_norm_eps=1e-6))
+      mask_input_channels=8 if is_tiny else 16, layer_norm_eps=1e-6, attention_impl="xla"))
   pixel.sam_vit = ConfigDict(dict(  # paper: SAM ViT-H
       image_size=64 if is_tiny else 1024, patch_size=8 if is_tiny else 16,
       hidden_size=32 if is_tiny else 1280, num_layers=2 if is_tiny else 32,
       num_heads=2 if is_tiny else 16, mlp_dim=64 if is_tiny else 5120,
       window_size=4 if is_tiny else 14, global_attn_indexes=(1,) if is_tiny else (7, 15, 23, 31),
-      layer_norm_eps=1e-6, qkv_bias=True,
+      layer_norm_eps=1e-6, qkv_bias=True, attention_impl="xla",
       pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225)))  # of [0, 1] pixels
 
 
@@ -75,6 +75,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
   llm.tokenizer_path = placeholder(str)  # local HF tokenizer folder; None -> project tokenizer for tiny
 
   # Filled by the vision issue (3): mixed CLIP-ConvNeXt + DINOv2 encoders and zoom views.
+  # Ids of the template's special tokens; the trainer fills them from the tokenizer
+  # (earthgptx_jax/tokenizer.py) and saves them with the run's config.
+  model.token_ids = ConfigDict({name: placeholder(int) for name in (
+      "bos", "eos", "pad", "image_patch", "vp_patch", "seg")})
+
   model.vision = ConfigDict()
   model.vision.image_size = 64 if is_tiny else 448  # side of every view (S in batch.py)
   model.vision.max_tiles = 2 if is_tiny else 4  # zoom tiles besides the global view
@@ -106,7 +111,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       in_channels=3, pretrain_image_size=32 if is_tiny else 518, num_register_tokens=0,
       layer_norm_eps=1e-6, layerscale_value=1.0, use_swiglu_ffn=False, qkv_bias=True,
       pos_interp_antialias=False,  # True for HF Dinov2WithRegisters
-      use_mask_token=True,
+      use_mask_token=True, initializer_range=0.02,
       image_mean=(0.485, 0.456, 0.406),  # ImageNet
       image_std=(0.229, 0.224, 0.225),
       pretrained_path=None))  # HF Dinov2 folder
@@ -119,6 +124,31 @@ def get_config(arg: str | None = None) -> ConfigDict:
   model.prompt.max_prompts = 2 if is_tiny else 4  # P in batch.py
   model.prompt.map_size = 32 if is_tiny else 224  # M: side of a rasterised prompt map
   model.prompt.tokens_per_prompt = 4 if is_tiny else 8  # K: LLM tokens per visual prompt
+  model.prompt.embed_dim = 32 if is_tiny else 1024  # D: prompt tokens and integration block
+  model.prompt.fourier_features = 8 if is_tiny else 128  # SAM random-Fourier frequencies
+  model.prompt.fourier_scale = 1.0  # std of those frequencies (SAM's default)
+  model.prompt.fourier_seed = 0  # they are fixed (not trained), drawn from this seed
+  model.prompt.pool_heads = 2 if is_tiny else 6  # K-query attention pooling over SAE tokens
+  model.prompt.pool_mlp_dim = 64 if is_tiny else 1536
+  model.prompt.fusion_heads = 2 if is_tiny else 16  # integration block (models/fusion.py)
+  model.prompt.fusion_mlp_dim = 64 if is_tiny else 4096
+  model.prompt.layer_norm_eps = 1e-6
+  model.prompt.initializer_range = 0.02
+  model.prompt.dtype = "float32" if is_tiny else "bfloat16"  # compute dtype
+  model.prompt.param_dtype = "float32"
+  model.prompt.remat = not is_tiny
+  model.prompt.attention_impl = "xla"  # xla | cudnn | auto
+  # Spatial-aware encoder: models/vit.py's ViT over one 1-channel prompt map, random init
+  # (paper: a small ViT; here ViT-S/16-shaped, 6 blocks).
+  model.prompt.sae = ConfigDict(dict(
+      hidden_size=16 if is_tiny else 384, num_layers=2 if is_tiny else 6,
+      num_heads=2 if is_tiny else 6, mlp_ratio=4.0, patch_size=8 if is_tiny else 16,
+      in_channels=1, pretrain_image_size=model.prompt.get_ref("map_size"),
+      num_register_tokens=0, layer_norm_eps=1e-6, layerscale_value=1.0, use_swiglu_ffn=False,
+      qkv_bias=True, pos_interp_antialias=False, use_mask_token=False,
+      dtype=model.prompt.get_ref("dtype"), param_dtype=model.prompt.get_ref("param_dtype"),
+      remat=model.prompt.get_ref("remat"),
+      attention_impl=model.prompt.get_ref("attention_impl")))
   # Filled by the pixel-perception issue (5): SAM-style prompt encoder and mask decoder.
   model.pixel = ConfigDict()
   model.pixel.max_seg = 2 if is_tiny else 3  # Q in batch.py: [SEG] tokens per example
@@ -126,6 +156,32 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
   config.data = ConfigDict()
   config.data.max_length = 256 if is_tiny else 2048
+  # Data pipeline (issue 6; data_pipelines/README.md). TFDS ArrayRecord datasets live under
+  # data_dir; synthetic_rs is generated there on first use.
+  data = config.data
+  data.data_dir = "~/.cache/earthgptx_jax/data"
+  data.train_split = "train"
+  data.eval_split = "validation"
+  # Mixture components: name -> (TFDS dataset, weight). Real sources are built first with
+  # `python -m data_pipelines.build --dataset NAME --manual_dir DIR --data_dir DIR` and added
+  # e.g. as data.sources.dior_rsvg = ConfigDict(dict(dataset="dior_rsvg", weight=1.0)).
+  data.sources = ConfigDict({
+      f"synthetic_{m}": ConfigDict(dict(dataset=f"synthetic_rs/{m}", weight=1.0))
+      for m in ("optical", "sar", "infrared")})
+  data.num_workers = 0 if is_tiny else 8  # grain mp_prefetch worker processes; 0: in-process
+  data.worker_buffer_size = 2  # batches buffered per worker
+  data.max_bad_fraction = 0.01  # abort when more records than this are unusable
+  data.bad_check_min_records = 200  # ... once at least this many records were read
+  data.synthetic = ConfigDict(dict(
+      seed=0,
+      num_train=1000 if is_tiny else 20000,  # records per modality
+      num_eval=100 if is_tiny else 1000,
+      min_size=80 if is_tiny else 256,  # image sides in pixels (aspect ratio varies)
+      max_size=112 if is_tiny else 640,
+      num_land_cover=4 if is_tiny else 6,
+      num_object_classes=5,
+      max_objects=4 if is_tiny else 8,
+  ))
 
   train = config.train = ConfigDict()
   train.batch_size = 8 if is_tiny else 64

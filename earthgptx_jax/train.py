@@ -61,6 +61,7 @@ class ProgressLogger:
   """One console line per log interval plus TensorBoard scalars (process 0 only)."""
 
   def __init__(self, workdir: epath.Path, config, task_names, flops_per_step, peak_flops):
+    self.workdir = workdir
     self.total_steps = int(config.train.steps)
     self.task_names = task_names
     self.flops_per_step = flops_per_step
@@ -111,6 +112,10 @@ class ProgressLogger:
       line += f" | {int(out['skipped_updates'])} update(s) skipped: non-finite loss/grads"
     if jax.process_index() == 0:
       print(line, flush=True)
+    if jax.process_index() == 0:
+      with (self.workdir / "train_log.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, **out, **{f"task_ce/{k}": v
+                                                    for k, v in task_loss.items()}}) + "\n")
     if self.writer is not None:
       for k, v in out.items():
         self.writer.add_scalar(f"train/{k}", v, step)

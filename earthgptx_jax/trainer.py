@@ -101,15 +101,18 @@ def batch_shardings(config, mesh, batch_size: int):
 def compute_losses(model, config, trainable, batch, num_tasks: int):
   """Total loss and its parts: token CE (answer tokens), mask BCE and Dice, CE per task."""
   out = model.apply({"params": model_params(trainable, config)}, batch)
-  weights = config.model.pixel.loss_weights
-  ce, ce_count = losses.token_cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
+  pixel_cfg = config.model.pixel
+  ce_sum, ce_count = losses.token_cross_entropy_per_example(out.logits, batch["targets"],
+                                                            batch["loss_mask"])
+  ce = ce_sum.sum() / jnp.maximum(ce_count.sum(), 1.0)
   seg_valid = out.seg_valid & batch["seg_valid"]
   mask = losses.mask_losses(out.mask_logits, batch["seg_masks"], seg_valid)
-  total = weights.ce * ce + weights.bce * mask["bce"] + weights.dice * mask["dice"]
-  task_ce_sum, task_count = losses.token_cross_entropy_per_task(
-      out.logits, batch["targets"], batch["loss_mask"], batch["task_id"], num_tasks)
+  total = losses.weighted_total({"ce": ce, **mask}, ce_weight=pixel_cfg.ce_weight,
+                                bce_weight=pixel_cfg.bce_weight, dice_weight=pixel_cfg.dice_weight)
+  task_ce_mean, task_count = losses.per_task_mean(ce_sum, ce_count, batch["task_id"], num_tasks)
+  task_ce_sum = task_ce_mean * task_count
   metrics = {"loss": total, "ce": ce, "mask_bce": mask["bce"], "mask_dice": mask["dice"],
-             "answer_tokens": ce_count, "task_ce_sum": task_ce_sum, "task_tokens": task_count,
+             "answer_tokens": ce_count.sum(), "task_ce_sum": task_ce_sum, "task_tokens": task_count,
              "masks": jnp.sum(seg_valid)}
   return total, metrics
 

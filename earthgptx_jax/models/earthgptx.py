@@ -87,16 +87,26 @@ class EarthGPTX(nn.Module):
     return splice_tokens(text, batch["input_ids"], batch["vp_token_index"], image_llm,
                          prompt_llm, token_id(self.config, "image_patch"))
 
-  def decode_masks(self, hidden_states, seg_positions_ids, dense):
-    """Masks for every [SEG] predicted at a position where `seg_positions_ids == [SEG]`."""
+  def decode_masks(self, hidden_states, seg_positions_ids, pixel_values, dense):
+    """Masks for every [SEG] predicted at a position where `seg_positions_ids == [SEG]`.
+
+    hidden_states [B,T,H]; seg_positions_ids [B,T]; pixel_values [B,V,S,S,3] (the global view
+    feeds a SAM image encoder) or dense [B,h,w,C] (the mixed encoders' map), per config.
+    """
     states, valid = pixel.gather_seg_states(hidden_states, seg_positions_ids,
                                             token_id(self.config, "seg"), self.config.pixel.max_seg)
-    mask_logits, iou = self.pixel(states, valid, dense)
+    size = pixel_values.shape[2]
+    if self.config.pixel.image_encoder == "sam":
+      mask_logits, iou = self.pixel(states, valid, sam_pixel_values=pixel_values[:, 0],
+                                    out_size=size)
+    else:
+      mask_logits, iou = self.pixel(states, valid, dense_features=dense, out_size=size)
     return mask_logits, iou, valid
 
   def __call__(self, batch) -> EarthGPTXOutput:
     image_llm, prompt_llm, dense = self.encode_visual(batch)
     embeds = self.embed_inputs(batch, image_llm, prompt_llm)
     out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
-    mask_logits, iou, valid = self.decode_masks(out.hidden_states, batch["targets"], dense)
+    mask_logits, iou, valid = self.decode_masks(out.hidden_states, batch["targets"],
+                                                batch["pixel_values"], dense)
     return EarthGPTXOutput(out.logits, out.hidden_states, mask_logits, iou, valid)
