@@ -145,3 +145,92 @@ def try_parse_boxes(text: str, width: float, height: float):
     return parse_coordinates(text, width, height).boxes
   except CoordinateParseError:
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversation template (Vicuna-v1 style, as LLaVA / LISA):
+#
+#   {SYSTEM_PROMPT} USER: <image>\n{modality preamble} {question 1} ASSISTANT: {answer 1}</s>
+#   USER: {question 2} ASSISTANT: {answer 2}</s>...
+#
+# (no line break before the second USER). The answer text (with its leading space) and the
+# EOS after it are the answer tokens: the only tokens with loss. For generation the
+# conversation ends with a USER turn and the rendering ends with "ASSISTANT:".
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """A piece of rendered conversation; `is_answer` pieces are followed by EOS and get loss."""
+  text: str
+  is_answer: bool
+
+
+def render_conversation(turns: Sequence[str], modality: str) -> list[Segment]:
+  """Turns (USER, ASSISTANT, USER, ...) with placeholders -> template segments.
+
+  The first USER turn gets `<image>` (prepended with a line break if absent) followed by the
+  modality preamble. An odd number of turns renders a generation prompt. Placeholders are
+  left in the text; expand them with `split_placeholders` / `expand_placeholders`.
+  """
+  if not turns:
+    raise ValueError("conversation turns: empty; expected USER, ASSISTANT, ... turns")
+  preamble = modality_preamble(modality)
+  first = turns[0]
+  if IMAGE_PLACEHOLDER not in first:
+    first = f"{IMAGE_PLACEHOLDER}\n{first}"
+  first = first.replace(IMAGE_PLACEHOLDER, f"{IMAGE_PLACEHOLDER}\n{preamble}", 1)
+  turns = [first, *turns[1:]]
+  segments = []
+  for i in range(0, len(turns), 2):
+    head = f"{SYSTEM_PROMPT} " if i == 0 else ""
+    segments.append(Segment(f"{head}{USER_ROLE}: {turns[i].strip()} {ASSISTANT_ROLE}:", False))
+    if i + 1 < len(turns):
+      segments.append(Segment(f" {turns[i + 1].strip()}", True))
+  return segments
+
+
+@dataclasses.dataclass(frozen=True)
+class Placeholder:
+  """An `<image>` (kind "image") or `<vpK>` (kind "vp", index K-1) placeholder in text."""
+  kind: str
+  index: int = 0
+
+
+_PLACEHOLDER_RE = re.compile(re.escape(IMAGE_PLACEHOLDER) + r"|<vp(\d+)>")
+
+
+def split_placeholders(text: str) -> list[str | Placeholder]:
+  """Text -> plain-text pieces and Placeholders, in order (empty pieces dropped)."""
+  pieces: list[str | Placeholder] = []
+  pos = 0
+  for m in _PLACEHOLDER_RE.finditer(text):
+    if m.start() > pos:
+      pieces.append(text[pos:m.start()])
+    if m.group(1) is None:
+      pieces.append(Placeholder("image"))
+    else:
+      k = int(m.group(1))
+      if k < 1:
+        raise ValueError(f"visual prompt placeholder {m.group(0)!r}: index must be >= 1")
+      pieces.append(Placeholder("vp", k - 1))
+    pos = m.end()
+  if pos < len(text):
+    pieces.append(text[pos:])
+  return pieces
+
+
+def placeholder_tokens(placeholder: Placeholder, num_image_tokens: int,
+                       tokens_per_prompt: int) -> list[str]:
+  """The special tokens a placeholder expands to (see the module docstring)."""
+  if placeholder.kind == "image":
+    return [IMAGE_START, *[IMAGE_PATCH] * num_image_tokens, IMAGE_END]
+  if placeholder.kind == "vp":
+    return [VP_START, *[VP_PATCH] * tokens_per_prompt, VP_END]
+  raise ValueError(f"placeholder kind: unknown value {placeholder.kind!r}; expected image or vp")
+
+
+def expand_placeholders(text: str, num_image_tokens: int, tokens_per_prompt: int) -> str:
+  """`<image>` / `<vpK>` -> their special-token strings (for tokenizers that know them)."""
+  return "".join(p if isinstance(p, str) else
+                 "".join(placeholder_tokens(p, num_image_tokens, tokens_per_prompt))
+                 for p in split_placeholders(text))

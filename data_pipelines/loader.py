@@ -1,0 +1,547 @@
+"""The grain input pipeline: stored records -> static-shape batches of earthgptx_jax/batch.py.
+
+  per source: tfds ArrayRecord data source -> MapDataset -> this process's shard
+              (records process_index::process_count) -> shuffle (reshuffled every epoch)
+              -> repeat
+  IterDataset.mix({name: source}, weights)     each component keeps its own position in the
+                                               checkpointed state
+  -> map(ExampleProcessor)    decode, validate, per-modality preprocessing, zoom views
+                              (views.py), prompt rasterisation (rasterize.py), template +
+                              tokenisation with the answer-only loss mask, static padding
+  -> skip bad records         counted per reason, logged, attached to the next good example
+  -> batch(B, drop_remainder)
+  -> mp_prefetch (optional, data.num_workers > 0)
+  -> bad-record accounting    totals per reason in the iterator state; aborts with
+                              BadRecordFractionError above data.max_bad_fraction
+
+The train iterator is a `grain.DatasetIterator`: iterate it for numpy batch dicts, and hand
+the same object to Orbax to save / restore its position (MaxText's pattern):
+
+    it = data.train_iterator(jax.process_index(), jax.process_count())
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(it)))
+    ...
+    mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data_iter=grain.checkpoint.CheckpointRestore(it)))
+
+Build a fresh iterator with the same config and process layout before restoring into it.
+With data.num_workers > 0 the entry point needs an `if __name__ == "__main__":` guard, and
+outside `absl.app.run` call `absl.flags.FLAGS.mark_as_parsed()` first.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import grain
+import ml_collections
+import numpy as np
+
+from data_pipelines import builders, preprocess, rasterize, schema, views
+from earthgptx_jax import template
+
+_BAD_KEY = "_bad_records"  # [len(BAD_REASONS)] counts attached to examples until accounted
+
+
+class BadRecordFractionError(RuntimeError):
+  """More than data.max_bad_fraction of the records read so far were unusable."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokens.
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+  """Ids of the template's special tokens and BOS / EOS / PAD in one tokenizer."""
+  bos: int
+  eos: int
+  pad: int
+  image_start: int
+  image_end: int
+  image_patch: int
+  vp_start: int
+  vp_end: int
+  vp_patch: int
+  seg: int
+
+  @classmethod
+  def from_tokenizer(cls, tokenizer) -> TokenIds:
+    special = dict(image_start=template.IMAGE_START, image_end=template.IMAGE_END,
+                   image_patch=template.IMAGE_PATCH, vp_start=template.VP_START,
+                   vp_end=template.VP_END, vp_patch=template.VP_PATCH, seg=template.SEG)
+    ids = {}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for name, token in special.items():
+      value = tokenizer.convert_tokens_to_ids(token)
+      if value is None or value == unk:
+        raise ValueError(f"tokenizer: special token {token!r} ({name}) is missing; load it "
+                         "with earthgptx_jax.tokenizer, which adds template.SPECIAL_TOKENS")
+      ids[name] = int(value)
+    for name in ("bos", "eos"):
+      value = getattr(tokenizer, f"{name}_token_id")
+      if value is None:
+        raise ValueError(f"tokenizer: has no {name} token")
+      ids[name] = int(value)
+    pad = tokenizer.pad_token_id
+    ids["pad"] = int(ids["eos"] if pad is None else pad)
+    return cls(**ids)
+
+
+def tokenizer_vocab_size(tokenizer) -> int:
+  return len(tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# One example.
+
+
+class _Bad(NamedTuple):
+  reason: str
+  message: str
+
+
+class ExampleProcessor:
+  """Stored feature dict -> one example (the batch fields without the batch dimension).
+
+  Raises only `schema.BadRecordError` for bad data (`__call__` turns it into a `_Bad`
+  marker the pipeline counts and skips); anything else is a bug and propagates.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.ids = TokenIds.from_tokenizer(tokenizer)
+    vision, prompt = config.model.vision, config.model.prompt
+    self.image_size = int(vision.image_size)
+    self.max_tiles = int(vision.max_tiles)
+    self.num_views = 1 + self.max_tiles
+    self.tokens_per_view = int(vision.token_grid) ** 2
+    self.tokens_per_prompt = int(prompt.tokens_per_prompt)
+    self.max_prompts = int(prompt.max_prompts)
+    self.map_size = int(prompt.map_size)
+    self.max_seg = int(config.model.pixel.max_seg)
+    self.max_length = int(config.data.max_length)
+
+  def __call__(self, features: Mapping[str, Any]) -> dict[str, np.ndarray] | _Bad:
+    try:
+      return self.process(features)
+    except schema.BadRecordError as e:
+      return _Bad(e.reason, f"record {_record_id(features)}: {e}")
+
+  def process(self, features: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    record = schema.from_features(features)
+    try:
+      raw = preprocess.decode_image(record.image)
+    except ValueError as e:
+      raise schema.BadRecordError("corrupt_image", str(e)) from None
+    height, width = raw.shape[:2]
+    schema.validate(record, width, height)
+    if len(record.prompts) > self.max_prompts:
+      raise schema.BadRecordError("too_many", f"{len(record.prompts)} visual prompts, "
+                                  f"model.prompt.max_prompts={self.max_prompts}")
+    if len(record.masks) > self.max_seg:
+      raise schema.BadRecordError("too_many", f"{len(record.masks)} [SEG] masks, "
+                                  f"model.pixel.max_seg={self.max_seg}")
+    try:
+      pixels = preprocess.preprocess(raw, record.modality,
+                                           self.config.model.vision.preprocess)
+    except ValueError as e:
+      raise schema.BadRecordError("corrupt_image", str(e)) from None
+    view = views.make_views(pixels, self.image_size, self.max_tiles)
+    example = dict(pixel_values=view.pixels, view_valid=view.valid, view_affine=view.affine)
+    example.update(self._prompt_fields(record, height, width, view.affine[0]))
+    text, num_seg = self.tokenize(record.turns, record.modality, view.valid)
+    example.update(text)
+    seg_masks = np.zeros((self.max_seg, self.image_size, self.image_size), np.float32)
+    for q in range(num_seg):
+      mask = schema.decode_mask(record.masks[q], width, height, f"mask {q}")
+      seg_masks[q] = views.warp_to_view(mask.astype(np.float32), view.affine[0],
+                                              self.image_size, order=0)
+    example.update(
+        seg_masks=seg_masks, seg_valid=np.arange(self.max_seg) < num_seg,
+        image_size=np.asarray([height, width], np.int32),
+        task_id=np.int32(record.task_id), modality_id=np.int32(record.modality_id))
+    return example
+
+  def _prompt_fields(self, record: schema.Record, height: int, width: int,
+                     global_affine: np.ndarray) -> dict[str, np.ndarray]:
+    stroke = schema.scribble_width(height, width)
+    prompts = []
+    for p in record.prompts:
+      if p.kind == "mask":
+        prompts.append(rasterize.Prompt(
+            "mask", mask=schema.decode_mask(p.mask, width, height, "prompt mask")))
+      elif p.kind in ("point", "box"):
+        prompts.append(rasterize.Prompt(p.kind, coords=np.asarray(p.points).reshape(-1)))
+      else:
+        prompts.append(rasterize.Prompt(p.kind, coords=p.points, width=stroke))
+    try:
+      return rasterize.prompt_fields(prompts, (height, width), global_affine,
+                                           self.image_size, self.map_size, self.max_prompts)
+    except ValueError as e:  # e.g. a zero-area polygon: the rasteriser names the prompt.
+      raise schema.BadRecordError("bad_prompt", str(e)) from None
+
+  def _encode(self, text: str) -> list[int]:
+    """Plain text (may hold [SEG]) -> ids; [SEG] always maps to its one special id."""
+    ids: list[int] = []
+    for k, piece in enumerate(text.split(template.SEG)):
+      if k:
+        ids.append(self.ids.seg)
+      if piece:
+        ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+    return ids
+
+  def _encode_segment(self, text: str, views_valid: np.ndarray):
+    """-> ids, vp_index, visible (False at image tokens of padding views)."""
+    ids, vp_index, visible = [], [], []
+    for piece in template.split_placeholders(text):
+      if isinstance(piece, str):
+        new = self._encode(piece)
+        ids += new
+        vp_index += [-1] * len(new)
+        visible += [True] * len(new)
+      elif piece.kind == "image":
+        n = self.tokens_per_view
+        ids += [self.ids.image_start, *[self.ids.image_patch] * (n * self.num_views),
+                self.ids.image_end]
+        vp_index += [-1] * (n * self.num_views + 2)
+        visible += [True, *np.repeat(views_valid, n).tolist(), True]
+      else:
+        k = self.tokens_per_prompt
+        ids += [self.ids.vp_start, *[self.ids.vp_patch] * k, self.ids.vp_end]
+        vp_index += [-1, *range(piece.index * k, (piece.index + 1) * k), -1]
+        visible += [True] * (k + 2)
+    return ids, vp_index, visible
+
+  def tokenize(self, turns, modality: str, views_valid: np.ndarray
+               ) -> tuple[dict[str, np.ndarray], int]:
+    """Conversation -> text fields of length L, and the number of [SEG] tokens kept.
+
+    Over-long conversations lose whole trailing turns first, then the tail of the last kept
+    answer (never the prompt, so image and prompt tokens stay whole); a prompt part that
+    alone reaches L raises BadRecordError("too_long").
+    """
+    if len(turns) % 2:
+      turns = turns[:-1]
+    segments = template.render_conversation(turns, modality)
+    turns_tokens = []  # [(prompt ids, vp, visible), (answer ids)]
+    for i in range(0, len(segments), 2):
+      prompt = self._encode_segment(segments[i].text, views_valid)
+      answer = self._encode(segments[i + 1].text) + [self.ids.eos]
+      turns_tokens.append((prompt, answer))
+    limit = self.max_length
+
+    def total(tt):
+      return 1 + sum(len(p[0]) + len(a) for p, a in tt)
+
+    while len(turns_tokens) > 1 and total(turns_tokens) > limit:
+      turns_tokens.pop()
+    if total(turns_tokens) > limit:
+      (prompt, answer), = turns_tokens
+      room = limit - 1 - len(prompt[0])
+      if room < 1:
+        raise schema.BadRecordError("too_long", f"the prompt alone is {len(prompt[0]) + 1} "
+                                    f"tokens; data.max_length={limit}")
+      turns_tokens = [(prompt, answer[:room])]
+    ids, vp, visible, answer_mask = [self.ids.bos], [-1], [True], [False]
+    for (p_ids, p_vp, p_visible), a_ids in turns_tokens:
+      ids += p_ids + a_ids
+      vp += p_vp + [-1] * len(a_ids)
+      visible += p_visible + [True] * len(a_ids)
+      answer_mask += [False] * len(p_ids) + [True] * len(a_ids)
+    n = len(ids)
+    input_ids = np.full(limit, self.ids.pad, np.int32)
+    input_ids[:n] = ids
+    attention = np.zeros(limit, bool)
+    attention[:n] = visible
+    targets = np.full(limit, self.ids.pad, np.int32)
+    targets[:n - 1] = ids[1:]
+    loss_mask = np.zeros(limit, bool)
+    loss_mask[:n - 1] = answer_mask[1:]
+    vp_index = np.full(limit, -1, np.int32)
+    vp_index[:n] = vp
+    num_seg = int(sum(i == self.ids.seg for i, a in zip(ids, answer_mask) if a))
+    return dict(input_ids=input_ids, attention_mask=attention, targets=targets,
+                loss_mask=loss_mask, vp_token_index=vp_index), num_seg
+
+
+def _record_id(features: Mapping[str, Any]) -> str:
+  value = features.get("id", b"?") if isinstance(features, Mapping) else b"?"
+  return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad records.
+
+
+class _SkipBad(grain.IterDataset):
+  """Drops `_Bad` markers, logging each; their counts ride on the next good example."""
+
+  def __iter__(self):
+    return _SkipBadIterator(self._parent.__iter__())
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+
+  def __init__(self, parent):
+    super().__init__(parent)
+    self._pending = np.zeros(len(schema.BAD_REASONS), np.int64)
+
+  def __next__(self):
+    while True:
+      item = next(self._parent)
+      if isinstance(item, _Bad):
+        logging.warning("skipping bad record (%s): %s", item.reason, item.message)
+        self._pending[schema.BAD_REASONS.index(item.reason)] += 1
+        continue
+      item[_BAD_KEY] = self._pending
+      self._pending = np.zeros_like(self._pending)
+      return item
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "pending": self._pending.tolist()}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._pending = np.asarray(state["pending"], np.int64)
+
+
+class _BadRecordAccounting(grain.IterDataset):
+  """Sums the per-reason counts of every batch; aborts above the configured bad fraction."""
+
+  def __init__(self, parent, max_bad_fraction: float, min_records: int):
+    super().__init__(parent)
+    self.max_bad_fraction = max_bad_fraction
+    self.min_records = min_records
+
+  def __iter__(self):
+    return BatchIterator(self._parent.__iter__(), self.max_bad_fraction, self.min_records)
+
+
+class BatchIterator(grain.DatasetIterator):
+  """Yields numpy batch dicts (batch.py); `bad_records` / `good_records` are running totals.
+
+  It is its own checkpoint handle: `grain.checkpoint.CheckpointSave(it)`.
+  """
+
+  def __init__(self, parent, max_bad_fraction: float, min_records: int):
+    super().__init__(parent)
+    self.max_bad_fraction = max_bad_fraction
+    self.min_records = min_records
+    self.good_records = 0
+    self.bad = np.zeros(len(schema.BAD_REASONS), np.int64)
+
+  @property
+  def bad_records(self) -> dict[str, int]:
+    return {r: int(n) for r, n in zip(schema.BAD_REASONS, self.bad) if n}
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._parent)
+    counts = batch.pop(_BAD_KEY)
+    self.bad += counts.reshape(-1, len(schema.BAD_REASONS)).sum(0)
+    self.good_records += len(batch["task_id"])
+    num_bad = int(self.bad.sum())
+    seen = num_bad + self.good_records
+    if seen >= self.min_records and num_bad > self.max_bad_fraction * seen:
+      raise BadRecordFractionError(
+          f"{num_bad} of {seen} records were unusable ({num_bad / seen:.1%} > "
+          f"data.max_bad_fraction={self.max_bad_fraction:.1%}); by reason: "
+          f"{self.bad_records}. Fix or rebuild the data, or raise data.max_bad_fraction.")
+    return batch
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "good_records": self.good_records,
+            "bad_records": self.bad.tolist()}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self.good_records = int(state["good_records"])
+    self.bad = np.asarray(state["bad_records"], np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelines.
+
+
+def source_data_dir(config: ml_collections.ConfigDict, dataset: str) -> str:
+  """Where `dataset` is stored: synthetic data under its size fingerprint, others in data_dir."""
+  data_dir = os.path.expanduser(config.data.data_dir)
+  if dataset.startswith("synthetic_rs/"):
+    return os.path.join(data_dir, f"synthetic_rs_{builders.synthetic_fingerprint(config.data.synthetic)}")
+  return data_dir
+
+
+def _component(config, name: str, split: str, process_index: int, process_count: int
+               ) -> grain.MapDataset:
+  """One source's records for this process (every process gets a disjoint shard)."""
+  dataset = config.data.sources[name].dataset
+  source = builders.data_source(dataset, split, source_data_dir(config, dataset),
+                                synthetic_config=config.data.synthetic)
+  if len(source) < process_count:
+    raise ValueError(f"data.sources.{name}: {len(source)} records in split {split!r} cannot be "
+                     f"sharded over {process_count} processes")
+  return grain.MapDataset.source(source)[process_index::process_count]
+
+
+def mixed_records(config: ml_collections.ConfigDict, split: str, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+  """Endless weighted mixture of the sources' stored records (before processing)."""
+  sources = config.data.sources
+  if not sources:
+    raise ValueError("data.sources: empty; name at least one dataset with a weight")
+  weights = {name: float(sources[name].weight) for name in sources}
+  if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+    raise ValueError(f"data.sources weights: must be >= 0 with a positive sum, got {weights}")
+  components = {}
+  for k, name in enumerate(sorted(weights)):
+    if weights[name] == 0:
+      continue
+    ds = _component(config, name, split, process_index, process_count)
+    ds = ds.shuffle(seed=int(config.seed) * 1000 + k).repeat()
+    components[name] = ds.to_iter_dataset()
+  return grain.IterDataset.mix(components, {n: weights[n] for n in components})
+
+
+def _batched(records: grain.IterDataset, config, tokenizer, batch_size: int) -> grain.IterDataset:
+  ds = records.map(ExampleProcessor(config, tokenizer))
+  ds = _SkipBad(ds)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, tokenizer, split: str | None = None,
+                        process_index: int = 0, process_count: int = 1) -> BatchIterator:
+  """Endless, mixed, checkpointable iterator of this process's train batches.
+
+  Each process gets train.batch_size // process_count examples per batch (its part of the
+  global batch; see trainer.global_batch).
+  """
+  batch_size = int(config.train.batch_size)
+  if batch_size % process_count:
+    raise ValueError(f"train.batch_size: {batch_size} is not divisible by {process_count} "
+                     "processes")
+  ds = mixed_records(config, split or config.data.train_split, process_index, process_count)
+  ds = _batched(ds, config, tokenizer, batch_size // process_count)
+  workers = int(config.data.num_workers)
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=int(config.data.worker_buffer_size)))
+  ds = _BadRecordAccounting(ds, float(config.data.max_bad_fraction),
+                            int(config.data.bad_check_min_records))
+  return ds.__iter__()
+
+
+class EvalBatch(NamedTuple):
+  batch: dict[str, np.ndarray]  # batch.py fields; padding rows are all zeros
+  valid: np.ndarray  # [B] bool, False for padding rows of the last batch
+  records: list  # [B] the schema.Record of each row (None for padding): references
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer, split: str | None = None,
+                       process_index: int = 0, process_count: int = 1,
+                       batch_size: int | None = None,
+                       max_examples: int | None = None) -> Iterator[EvalBatch]:
+  """One pass over each source's held-out split (sources in name order, this process's
+  shard), in batches padded to a static shape; bad records are skipped and logged."""
+  from earthgptx_jax import batch as batch_lib
+  batch_size = int(batch_size or config.train.batch_size)
+  processor = ExampleProcessor(config, tokenizer)
+  split = split or config.data.eval_split
+  rows, records, seen = [], [], 0
+
+  def emit():
+    out = batch_lib.example_batch(config, batch_size)
+    for k in out:
+      for i, row in enumerate(rows):
+        out[k][i] = row[k]
+    valid = np.arange(batch_size) < len(rows)
+    return EvalBatch(out, valid, records + [None] * (batch_size - len(rows)))
+
+  for name in sorted(config.data.sources):
+    for features in _component(config, name, split, process_index, process_count):
+      if max_examples is not None and seen >= max_examples:
+        break
+      example = processor(features)
+      if isinstance(example, _Bad):
+        logging.warning("skipping bad eval record (%s): %s", example.reason, example.message)
+        continue
+      seen += 1
+      rows.append(example)
+      records.append(schema.from_features(features))
+      if len(rows) == batch_size:
+        yield emit()
+        rows, records = [], []
+  if rows:
+    yield emit()
+
+
+# ----------------------------------------------------------------------------------------------
+# What the trainer calls.
+
+
+@dataclasses.dataclass
+class Data:
+  """Prepared data: the config with tokenizer-derived fields filled, and iterator factories."""
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  task_names: tuple[str, ...] = schema.TASKS
+
+  def train_iterator(self, process_index: int = 0, process_count: int = 1) -> BatchIterator:
+    return make_train_iterator(self.config, self.tokenizer, None, process_index, process_count)
+
+  def eval_iterator(self, process_index: int = 0, process_count: int = 1, **kwargs
+                    ) -> Iterator[EvalBatch]:
+    return make_eval_iterator(self.config, self.tokenizer, None, process_index, process_count,
+                              **kwargs)
+
+
+def ensure_tokenizer(config: ml_collections.ConfigDict):
+  """model.llm.tokenizer_path if set; else the project tokenizer trained on the synthetic text
+  (built once next to the synthetic data)."""
+  from earthgptx_jax import tokenizer as tokenizer_lib
+  path = config.model.llm.get("tokenizer_path", None)
+  if path:
+    return tokenizer_lib.load_tokenizer(os.path.expanduser(path))
+  folder = os.path.join(source_data_dir(config, "synthetic_rs/optical"),
+                        f"tokenizer_{int(config.model.llm.vocab_size)}")
+  if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+    builders.ensure_synthetic(config.data.data_dir, config)
+    tokenizer_lib.build_tokenizer(list(synthetic_texts(config)),
+                                  int(config.model.llm.vocab_size), folder)
+  return tokenizer_lib.load_tokenizer(folder)
+
+
+def synthetic_texts(config: ml_collections.ConfigDict) -> Iterator[str]:
+  """Every rendered conversation turn of the synthetic train split (tokenizer corpus)."""
+  for modality in schema.MODALITIES:
+    dataset = f"synthetic_rs/{modality}"
+    source = builders.data_source(dataset, "train", source_data_dir(config, dataset),
+                                  synthetic_config=config.data.synthetic)
+    for i in range(len(source)):
+      turns = [t.decode("utf-8") for t in source[i]["turns"]]
+      for segment in template.render_conversation(turns, modality):
+        yield segment.text
+
+
+def prepare(config: ml_collections.ConfigDict) -> Data:
+  """Builds what is missing (synthetic data, tokenizer) and fills the config's
+  model.llm.vocab_size and model.token_ids from the tokenizer. Returns a new config."""
+  config = copy.deepcopy(config)
+  if any(config.data.sources[n].dataset.startswith("synthetic_rs/") for n in config.data.sources):
+    builders.ensure_synthetic(config.data.data_dir, config)
+  tokenizer = ensure_tokenizer(config)
+  ids = TokenIds.from_tokenizer(tokenizer)
+  with config.unlocked():
+    config.model.llm.vocab_size = max(int(config.model.llm.vocab_size),
+                                      tokenizer_vocab_size(tokenizer))
+    if "token_ids" not in config.model:
+      config.model.token_ids = ml_collections.ConfigDict()
+    for name, value in dataclasses.asdict(ids).items():
+      config.model.token_ids[name] = value
+  return Data(config=config, tokenizer=tokenizer)
+
