@@ -9,6 +9,7 @@ batch mode over a JSONL of requests (`--requests=in.jsonl --results=out.jsonl`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,8 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from flax import linen as nn
 
-from earthgptx_jax import template
+from earthgptx_jax import sharding, template
 from earthgptx_jax.models import decoding, earthgptx, llama
 
 
@@ -41,9 +43,10 @@ class Prediction:
 class Generator:
   """Jitted multimodal generation: visual prefill -> KV-cached LLM decoding -> [SEG] masks."""
 
-  def __init__(self, config: ml_collections.ConfigDict, params: Any):
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, mesh=None):
     self.config = config
     self.params = params
+    self.mesh = mesh
     self.model = earthgptx.EarthGPTX(config.model)
     self.llm = llama.Llama(config.model.llm)
     self._prefill = jax.jit(self._prefill_impl)
@@ -65,14 +68,20 @@ class Generator:
     """batch: prompt-only model batch (batch.py) -> (tokens [B,N], lengths [B], mask logits
     [B,Q,S,S], iou [B,Q], seg valid [B,Q])."""
     ids = self.config.model.token_ids
-    batch = jax.tree.map(jnp.asarray, batch)
-    embeds, dense = self._prefill(self.params, batch)
-    out = decoding.generate(self.llm, self.params["llm"], inputs_embeds=embeds,
-                            attention_mask=batch["attention_mask"],
-                            max_new_tokens=max_new_tokens, eos_id=int(ids.eos),
-                            pad_id=int(ids.pad), rng=jax.random.key(seed),
-                            temperature=temperature, top_p=top_p, return_hidden_states=True)
-    mask_logits, iou, valid = self._masks(self.params, out.hidden_states, out.tokens,
-                                          batch["pixel_values"], dense)
+    with contextlib.ExitStack() as stack:
+      if self.mesh is not None:  # params live on the training mesh: replicate the batch there
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES))
+        batch = jax.device_put(dict(batch), sharding.replicated(self.mesh))
+      else:
+        batch = jax.tree.map(jnp.asarray, batch)
+      embeds, dense = self._prefill(self.params, batch)
+      out = decoding.generate(self.llm, self.params["llm"], inputs_embeds=embeds,
+                              attention_mask=batch["attention_mask"],
+                              max_new_tokens=max_new_tokens, eos_id=int(ids.eos),
+                              pad_id=int(ids.pad), rng=jax.random.key(seed),
+                              temperature=temperature, top_p=top_p, return_hidden_states=True)
+      mask_logits, iou, valid = self._masks(self.params, out.hidden_states, out.tokens,
+                                            batch["pixel_values"], dense)
     return (np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(mask_logits),
             np.asarray(iou), np.asarray(valid))
