@@ -1,0 +1,129 @@
+"""Training losses: next-token cross-entropy on answer tokens, and per-[SEG] mask BCE + Dice.
+
+Semantics follow LISA (`model/LISA.py`): every loss is normalised by the number of items that
+really exist (answer tokens, valid masks), never by padded sizes, so padding the batch to static
+shapes changes no value. Each loss is safe when nothing is valid: the value is 0 and the
+gradient is 0 (no NaN), because invalid items are removed with `jnp.where` before any division
+and every denominator is at least 1.
+
+Weights (`config.model.pixel.{ce,bce,dice}_weight`, LISA defaults 1.0 / 2.0 / 0.5) are applied in
+`weighted_total`; the per-term functions return unweighted means so they can be logged as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+# LISA's Dice: predicted and target masses are divided by this before summing, so the fp32
+# sums of a 1024 x 1024 mask stay small; it does not change the loss beyond rounding.
+DICE_SCALE = 1000.0
+DICE_EPS = 1e-6
+
+
+def token_cross_entropy_per_example(logits: jax.Array, targets: jax.Array,
+                                    loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy and token count per example.
+
+  Args:
+    logits: [B, L, V] any float dtype; the log-softmax runs in float32.
+    targets: [B, L] int, the next token at every position.
+    loss_mask: [B, L] bool, True on answer tokens.
+  Returns:
+    (loss_sum [B] float32, count [B] float32).
+  """
+  if logits.shape[:2] != targets.shape or targets.shape != loss_mask.shape:
+    raise ValueError(f"token_cross_entropy: logits {logits.shape}, targets {targets.shape} and "
+                     f"loss_mask {loss_mask.shape} must agree on [B, L]")
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  nll = jnp.where(loss_mask, nll, 0.0)
+  return nll.sum(axis=-1), loss_mask.sum(axis=-1).astype(jnp.float32)
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array,
+                        loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy over all answer tokens of the batch, and their count.
+
+  logits [B, L, V], targets [B, L], loss_mask [B, L] -> (mean loss [], count []). A batch
+  without answer tokens gives loss 0.
+  """
+  loss_sum, count = token_cross_entropy_per_example(logits, targets, loss_mask)
+  total = count.sum()
+  return loss_sum.sum() / jnp.maximum(total, 1.0), total
+
+
+def per_mask_bce(mask_logits: jax.Array, seg_masks: jax.Array) -> jax.Array:
+  """Pixel-mean binary cross-entropy with logits: [..., S, S] x2 -> [...] float32."""
+  x = mask_logits.astype(jnp.float32)
+  y = seg_masks.astype(jnp.float32)
+  # Stable form of -(y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))), as torch computes it.
+  loss = jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  return loss.mean(axis=(-2, -1))
+
+
+def per_mask_dice(mask_logits: jax.Array, seg_masks: jax.Array) -> jax.Array:
+  """LISA's Dice loss (scale 1000, eps 1e-6): [..., S, S] x2 -> [...] float32."""
+  p = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
+  y = seg_masks.astype(jnp.float32)
+  numerator = 2.0 * (p / DICE_SCALE * y).sum(axis=(-2, -1))
+  denominator = (p / DICE_SCALE).sum(axis=(-2, -1)) + (y / DICE_SCALE).sum(axis=(-2, -1))
+  return 1.0 - (numerator + DICE_EPS) / (denominator + DICE_EPS)
+
+
+def mask_losses(mask_logits: jax.Array, seg_masks: jax.Array,
+                seg_valid: jax.Array) -> dict[str, jax.Array]:
+  """BCE and Dice, each averaged over the valid masks of the whole batch.
+
+  Args:
+    mask_logits: [B, Q, S, S] predicted logits in the global-view frame.
+    seg_masks: [B, Q, S, S] targets in {0, 1}.
+    seg_valid: [B, Q] bool, False for padding masks.
+  Returns:
+    dict(bce [], dice [], num_masks []) float32; bce = dice = 0 when no mask is valid.
+  """
+  if mask_logits.shape != seg_masks.shape or mask_logits.shape[:2] != seg_valid.shape:
+    raise ValueError(f"mask_losses: mask_logits {mask_logits.shape}, seg_masks "
+                     f"{seg_masks.shape} and seg_valid {seg_valid.shape} must agree on "
+                     f"[B, Q, S, S]")
+  num_masks = seg_valid.sum().astype(jnp.float32)
+  denominator = jnp.maximum(num_masks, 1.0)
+  # Padding slots may hold anything (even inf / NaN logits): replace them before the math so
+  # neither their values nor their gradients (NaN * 0 is NaN) can leak into the result.
+  keep = seg_valid[:, :, None, None]
+  mask_logits = jnp.where(keep, mask_logits, 0.0)
+  seg_masks = jnp.where(keep, seg_masks, 0.0)
+  bce = jnp.where(seg_valid, per_mask_bce(mask_logits, seg_masks), 0.0).sum() / denominator
+  dice = jnp.where(seg_valid, per_mask_dice(mask_logits, seg_masks), 0.0).sum() / denominator
+  return dict(bce=bce, dice=dice, num_masks=num_masks)
+
+
+def weighted_total(terms: Mapping[str, jax.Array], *, ce_weight: float, bce_weight: float,
+                   dice_weight: float) -> jax.Array:
+  """ce_weight * ce + bce_weight * bce + dice_weight * dice; absent terms count as 0."""
+  zero = jnp.zeros((), jnp.float32)
+  return (ce_weight * terms.get("ce", zero) + bce_weight * terms.get("bce", zero)
+          + dice_weight * terms.get("dice", zero))
+
+
+def per_task_mean(values: jax.Array, counts: jax.Array, task_id: jax.Array,
+                  num_tasks: int) -> tuple[jax.Array, jax.Array]:
+  """Per-task breakdown of a per-example sum, for logging.
+
+  Args:
+    values: [B] summed loss per example (e.g. `token_cross_entropy_per_example(...)[0]`).
+    counts: [B] how many items each example's sum covers (tokens, masks).
+    task_id: [B] int, index into data_pipelines.schema.TASKS.
+    num_tasks: T, len(TASKS).
+  Returns:
+    (mean [T], count [T]) float32; a task absent from the batch has mean 0 and count 0.
+  """
+  if values.shape != counts.shape or values.shape != task_id.shape or values.ndim != 1:
+    raise ValueError(f"per_task_mean: values {values.shape}, counts {counts.shape} and task_id "
+                     f"{task_id.shape} must all be [B]")
+  onehot = jax.nn.one_hot(task_id, num_tasks, dtype=jnp.float32)  # [B, T]
+  total = onehot.T @ values.astype(jnp.float32)
+  count = onehot.T @ counts.astype(jnp.float32)
+  return total / jnp.maximum(count, 1.0), count
