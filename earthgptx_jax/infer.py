@@ -85,3 +85,326 @@ class Generator:
                                             batch["pixel_values"], dense)
     return (np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(mask_logits),
             np.asarray(iou), np.asarray(valid))
+
+
+class InferenceError(ValueError):
+  """A request the model cannot answer (bad image, prompt, modality, path): one clear line."""
+
+
+def _request_record(image_bytes: bytes, modality: str, text: str, prompts: Sequence[Any]):
+  """A schema.Record for one request. The answer turn is a stand-in that is cut off before
+  generation (evaluate.truncate_to_question), so requests go through exactly the training
+  example path: decoding, per-modality preprocessing, views, rasterisation, template."""
+  from data_pipelines import schema
+  if template.IMAGE_PLACEHOLDER not in text:
+    text = f"{template.IMAGE_PLACEHOLDER}\n{text}"
+  return schema.Record(id="request", image=image_bytes, modality=modality, source="request",
+                       task="vqa", turns=(text, "-"), prompts=tuple(prompts))
+
+
+def parse_prompt_flag(kind: str, value: str, image_hw: tuple[int, int] | None = None):
+  """`--point x,y`, `--box x1,y1,x2,y2`, `--scribble FILE.png | x,y;x,y;...[;closed]`."""
+  from data_pipelines import schema
+  if kind == "scribble" and not any(c in value for c in ",;"):
+    path = pathlib.Path(value)
+    if not path.is_file():
+      raise InferenceError(f"--scribble: {value!r} is neither a mask PNG nor a point list")
+    return schema.VisualPrompt("mask", np.zeros((0, 2), np.float32), mask=path.read_bytes())
+  try:
+    if kind == "scribble":
+      parts = [p for p in value.split(";") if p]
+      closed = parts[-1] == "closed"
+      pts = np.array([[float(v) for v in p.split(",")] for p in parts[:-1 if closed else None]],
+                     np.float32)
+      if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError
+      return schema.VisualPrompt("polygon" if closed else "scribble", pts)
+    values = [float(v) for v in value.split(",")]
+  except ValueError:
+    raise InferenceError(f"--{kind}: cannot parse {value!r}") from None
+  want = {"point": 2, "box": 4}[kind]
+  if len(values) != want or not np.isfinite(values).all():
+    raise InferenceError(f"--{kind}: expected {want} finite numbers, got {value!r}")
+  return schema.VisualPrompt(kind, np.asarray(values, np.float32).reshape(-1, 2))
+
+
+class Predictor:
+  """A trained model ready to answer: `Predictor.from_workdir(dir)(image, modality, text)`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, tokenizer):
+    from data_pipelines import loader
+    self.config = config
+    self.tokenizer = tokenizer
+    self.generator = Generator(config, params)
+    self.processor = loader.ExampleProcessor(config, tokenizer)
+
+  @classmethod
+  def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None) -> Predictor:
+    """Loads config, tokenizer and the params of `step` (default: newest usable) of a run."""
+    from earthgptx_jax import checkpointing, sharding as sharding_lib, tokenizer as tok, trainer
+    workdir = pathlib.Path(workdir)
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+      raise InferenceError(f"--workdir: {workdir} has no config.json (not a training workdir)")
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    _tuples(config)
+    tokenizer_dir = workdir / "tokenizer"
+    if not tokenizer_dir.is_dir():
+      raise InferenceError(f"--workdir: {workdir} has no tokenizer/ folder")
+    tokenizer = tok.load_tokenizer(str(tokenizer_dir))
+    mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model = trainer.build_model(config)
+    optimizer = trainer.make_optimizer(config, model)
+    abstract, shardings = trainer.state_shardings(model, optimizer, config, mesh)
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", config.checkpoint)
+    target = checkpointing.abstract_with_shardings(abstract, shardings)
+    try:
+      if step is None:
+        restored = ckpt.restore_latest(target)
+        if restored is None:
+          raise InferenceError(f"--workdir: no checkpoint in {workdir / 'checkpoints'}")
+        state = restored[1]
+      else:
+        state = ckpt.restore(step, target)
+    except checkpointing.NoUsableCheckpointError as e:
+      raise InferenceError(str(e)) from None
+    finally:
+      ckpt.close()
+    return cls(config, trainer.model_params(state.trainable, config), tokenizer)
+
+  def prepare(self, records) -> tuple[dict[str, np.ndarray], list]:
+    """Records -> (prompt-only batch, records); errors name the request and the field."""
+    from data_pipelines import schema
+    from earthgptx_jax import batch as batch_lib, evaluate
+    batch = batch_lib.example_batch(self.config, len(records))
+    for i, record in enumerate(records):
+      try:
+        example = self.processor.process(record_features(record))
+      except schema.BadRecordError as e:
+        raise InferenceError(f"request {i}: {e}") from None
+      for k, v in example.items():
+        batch[k][i] = v
+    prompt_batch, _ = evaluate.truncate_to_question(batch, int(self.config.model.token_ids.pad))
+    return prompt_batch, records
+
+  def predict(self, records, *, max_new_tokens: int = 64, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int = 0) -> list[Prediction]:
+    from earthgptx_jax.models import pixel
+    batch, records = self.prepare(records)
+    tokens, lengths, mask_logits, iou, valid = self.generator(
+        batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    seg_id = int(self.config.model.token_ids.seg)
+    out = []
+    for i in range(len(records)):
+      ids = tokens[i, :lengths[i]].tolist()
+      answer = self.tokenizer.decode([t for t in ids if t != seg_id], skip_special_tokens=True)
+      answer = " ".join(answer.split())
+      n_seg = ids.count(seg_id)
+      if n_seg:
+        answer = (answer + " " + " ".join([template.SEG] * n_seg)).strip()
+      height, width = (int(v) for v in batch["image_size"][i])
+      try:
+        boxes, error = template.parse_coordinates(answer, width, height).boxes, None
+      except template.CoordinateParseError as e:
+        boxes, error = [], str(e)
+      masks, scores = [], []
+      for q in range(valid.shape[1]):
+        if valid[i, q]:
+          masks.append(np.asarray(pixel.postprocess_masks(
+              mask_logits[i, q], (height, width), int(self.config.model.vision.image_size),
+              binarize=True, threshold=float(self.config.model.pixel.mask_threshold))))
+          scores.append(float(iou[i, q]))
+      out.append(Prediction(answer, boxes, masks, scores, error))
+    return out
+
+  def __call__(self, image: bytes | str | os.PathLike, modality: str, text: str,
+               prompts: Sequence[Any] = (), **kwargs) -> Prediction:
+    image_bytes = image if isinstance(image, bytes) else _read_image(image)
+    return self.predict([_request_record(image_bytes, modality, text, prompts)], **kwargs)[0]
+
+
+def record_features(record) -> dict:
+  """A schema.Record as the stored feature dict the example processor reads."""
+  from data_pipelines import schema
+  return schema.to_features(record)
+
+
+def _read_image(path) -> bytes:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise InferenceError(f"--image: {str(path)!r} does not exist")
+  return path.read_bytes()
+
+
+def _tuples(config: ml_collections.ConfigDict) -> None:
+  """JSON turns tuples into lists; the config's tuple fields (mesh shape, ...) want tuples."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _tuples(value)
+    elif isinstance(value, list):
+      with config.ignore_type():
+        config[key] = tuple(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Overlay.
+
+_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+            (145, 30, 180)]
+
+
+def render_overlay(image_bytes: bytes, modality: str, prompts, prediction: Prediction,
+                   preprocess_cfg) -> "Image.Image":
+  """The image (as the model sees it after per-modality preprocessing), the user's prompts
+  (white, labelled vp1..), predicted boxes (coloured, labelled box1..) and masks (tinted)."""
+  from PIL import Image, ImageDraw
+  from data_pipelines import preprocess, schema
+  pixels = preprocess.preprocess(preprocess.decode_image(image_bytes), modality, preprocess_cfg)
+  canvas = (np.clip(pixels, 0, 1) * 255).astype(np.float32)
+  for q, mask in enumerate(prediction.masks):
+    colour = np.asarray(_COLOURS[q % len(_COLOURS)], np.float32)
+    canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
+  img = Image.fromarray(canvas.astype(np.uint8))
+  draw = ImageDraw.Draw(img)
+  height, width = pixels.shape[:2]
+  for k, p in enumerate(prompts):
+    label = f"vp{k + 1}"
+    pts = np.asarray(p.points, np.float32).reshape(-1, 2)
+    if p.kind == "point":
+      x, y = pts[0]
+      draw.ellipse([x - 4, y - 4, x + 4, y + 4], outline=(255, 255, 255), width=2)
+      draw.text((x + 6, y - 6), label, fill=(255, 255, 255))
+    elif p.kind == "box":
+      draw.rectangle([*pts[0], *pts[1]], outline=(255, 255, 255), width=2)
+      draw.text((pts[0][0] + 2, pts[0][1] + 2), label, fill=(255, 255, 255))
+    elif p.kind in ("polygon", "scribble"):
+      draw.line([tuple(v) for v in pts] + ([tuple(pts[0])] if p.kind == "polygon" else []),
+                fill=(255, 255, 255), width=2)
+      draw.text(tuple(pts[0]), label, fill=(255, 255, 255))
+    else:
+      m = schema.decode_mask(p.mask, width, height)
+      ys, xs = np.nonzero(m)
+      overlay = np.asarray(img).copy()
+      overlay[m] = (0.6 * overlay[m] + 0.4 * 255).astype(np.uint8)
+      img = Image.fromarray(overlay)
+      draw = ImageDraw.Draw(img)
+      if len(xs):
+        draw.text((float(xs.min()), float(ys.min())), label, fill=(255, 255, 255))
+  for b, box in enumerate(prediction.boxes):
+    colour = _COLOURS[b % len(_COLOURS)]
+    draw.rectangle(list(box), outline=colour, width=2)
+    draw.text((box[0] + 2, box[1] + 2), f"box{b + 1}", fill=colour)
+  return img
+
+
+def _write_atomic(path: pathlib.Path, write) -> None:
+  """Writes through a temp file in the target folder, then renames: never a half file."""
+  folder = path.resolve().parent
+  if not folder.is_dir():
+    raise InferenceError(f"--out: folder {str(folder)!r} does not exist")
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI.
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer/, "
+                               "checkpoints/).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest usable one).")
+_IMAGE = flags.DEFINE_string("image", None, "Image file (PNG/JPEG/TIFF, 8/16-bit, 1..N bands).")
+_MODALITY = flags.DEFINE_enum("modality", "optical", list(template.MODALITIES), "Sensor.")
+_TEXT = flags.DEFINE_string("text", None, "Instruction; <vp1>, <vp2>... name the prompts.")
+_POINTS = flags.DEFINE_multi_string("point", [], "x,y in original pixels (repeatable).")
+_BOXES = flags.DEFINE_multi_string("box", [], "x1,y1,x2,y2 in original pixels (repeatable).")
+_SCRIBBLES = flags.DEFINE_multi_string(
+    "scribble", [], "A mask PNG, or a polyline 'x,y;x,y;...' ('...;closed' for a polygon).")
+_OUT = flags.DEFINE_string("out", None, "Write an overlay PNG here.")
+_REQUESTS = flags.DEFINE_string("requests", None, "Batch mode: JSONL of requests "
+                                "{image, modality, text, points, boxes, scribbles}.")
+_RESULTS = flags.DEFINE_string("results", None, "Batch mode: JSONL results written here.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Answer length limit.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def _prompts_from(points, boxes, scribbles):
+  # Prompts are numbered in this order: points, then boxes, then scribbles.
+  return ([parse_prompt_flag("point", v) for v in points]
+          + [parse_prompt_flag("box", v) for v in boxes]
+          + [parse_prompt_flag("scribble", v) for v in scribbles])
+
+
+def _prediction_json(p: Prediction) -> dict:
+  from data_pipelines import schema
+  return {"answer": p.answer, "boxes": [list(map(float, b)) for b in p.boxes],
+          "parse_error": p.parse_error, "mask_scores": p.mask_scores,
+          "mask_boxes": [list(schema.mask_to_box(m)) if m.any() else None for m in p.masks]}
+
+
+def run(argv) -> int:
+  del argv
+  if not _WORKDIR.value:
+    raise InferenceError("--workdir: required")
+  kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                top_p=_TOP_P.value, seed=_SEED.value)
+  if _REQUESTS.value:
+    if not _RESULTS.value:
+      raise InferenceError("--results: required with --requests")
+    lines = pathlib.Path(_REQUESTS.value).read_text().splitlines()
+    requests = []
+    for n, line in enumerate(l for l in lines if l.strip()):
+      try:
+        r = json.loads(line)
+        requests.append(_request_record(
+            _read_image(r["image"]), r.get("modality", "optical"), r["text"],
+            _prompts_from(r.get("points", []), r.get("boxes", []), r.get("scribbles", []))))
+      except (json.JSONDecodeError, KeyError) as e:
+        raise InferenceError(f"--requests line {n + 1}: {type(e).__name__}: {e}") from None
+    predictor = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
+    predictions = predictor.predict(requests, **kwargs)
+    _write_atomic(pathlib.Path(_RESULTS.value), lambda tmp: pathlib.Path(tmp).write_text(
+        "".join(json.dumps(_prediction_json(p)) + "\n" for p in predictions)))
+    print(f"wrote {len(predictions)} results to {_RESULTS.value}")
+    return 0
+  if not _IMAGE.value or _TEXT.value is None:
+    raise InferenceError("--image and --text: required (or --requests for batch mode)")
+  image_bytes = _read_image(_IMAGE.value)
+  prompts = _prompts_from(_POINTS.value, _BOXES.value, _SCRIBBLES.value)
+  if _OUT.value and not pathlib.Path(_OUT.value).resolve().parent.is_dir():
+    raise InferenceError(f"--out: folder of {_OUT.value!r} does not exist")
+  predictor = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
+  prediction = predictor(image_bytes, _MODALITY.value, _TEXT.value, prompts, **kwargs)
+  print(prediction.answer)
+  for b, box in enumerate(prediction.boxes):
+    print(f"box{b + 1}: [{', '.join(f'{v:.1f}' for v in box)}]")
+  if prediction.parse_error:
+    print(f"(answer holds malformed coordinates: {prediction.parse_error})")
+  for q, score in enumerate(prediction.mask_scores):
+    print(f"mask{q + 1}: {int(prediction.masks[q].sum())} px, predicted IoU {score:.3f}")
+  if _OUT.value:
+    image = render_overlay(image_bytes, _MODALITY.value, prompts, prediction,
+                           predictor.config.model.vision.preprocess)
+    _write_atomic(pathlib.Path(_OUT.value), lambda tmp: image.save(tmp, format="PNG"))
+    print(f"overlay written to {_OUT.value}")
+  return 0
+
+
+def main(argv):
+  try:
+    sys.exit(run(argv))
+  except (InferenceError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

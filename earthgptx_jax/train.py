@@ -10,8 +10,10 @@ gs://). SIGTERM (TPU maintenance / preemption) saves a checkpoint and exits 0.
 from __future__ import annotations
 
 import json
+import pathlib
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -167,6 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _log(f"resumed from step {step} in {workdir} (mesh {dict(mesh.shape)})")
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    _save_tokenizer(data.tokenizer, workdir / "tokenizer")
 
   num_tasks = len(data.task_names)
   train_step = trainer.make_train_step(model, optimizer, config, mesh, state_sh, num_tasks)
@@ -220,6 +223,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     (workdir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
   ckpt.close()
   return result
+
+
+def _save_tokenizer(tokenizer, folder: epath.Path) -> None:
+  """The run's tokenizer beside its checkpoints, so inference needs nothing but the workdir.
+  Written locally then copied, since tokenizers cannot write to gs:// themselves."""
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer.save_pretrained(tmp)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in pathlib.Path(tmp).iterdir():
+      (folder / file.name).write_bytes(file.read_bytes())
 
 
 def _best_metric(config, eval_metrics):
