@@ -70,6 +70,7 @@ class SyntheticRs(RecordBuilder, skip_registration=True):
   def __init__(self, *, synthetic_config: ml_collections.ConfigDict, **kwargs):
     self._synthetic = synthetic_config  # config.data.synthetic
     super().__init__(**kwargs)
+    self._original_state["synthetic_config"] = synthetic_config  # TFDS re-inits on unpickle
 
   def _records(self, split: str) -> Iterator[schema.Record]:
     for index in range(synthetic.num_records(split, self._synthetic)):
@@ -162,6 +163,7 @@ def ensure_synthetic(data_dir: str, config: ml_collections.ConfigDict) -> str:
   write the same records.
   """
   cfg = config.data.synthetic
+  tfds.disable_progress_bar()
   path = os.path.join(os.path.expanduser(os.fspath(data_dir)),
                       f"synthetic_rs_{synthetic_fingerprint(cfg)}")
   for modality in schema.MODALITIES:

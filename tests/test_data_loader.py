@@ -1,0 +1,281 @@
+"""The grain pipeline on synthetic_rs: batch contract, template and loss mask, mixing
+proportions, resume through Orbax, disjoint process shards, bad-record accounting."""
+
+import collections
+import io
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from configs import fusion
+from data_pipelines import builders, loader, schema, synthetic, views
+from earthgptx_jax import batch as batch_lib
+from earthgptx_jax import template
+
+
+def make_test_tokenizer(texts, vocab_size=400):
+  """A small byte-level BPE with the template's special tokens (any HF tokenizer that has
+  them works with the loader; the project's own comes from earthgptx_jax.tokenizer)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  specials = ["<unk>", "<s>", "</s>", template.PAD, *template.SPECIAL_TOKENS]
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=specials,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                 pad_token=template.PAD, unk_token="<unk>",
+                                 additional_special_tokens=list(template.SPECIAL_TOKENS))
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+  config = fusion.get_config("tiny")
+  config.data.data_dir = str(tmp_path_factory.mktemp("data"))
+  config.data.synthetic.num_train = 90
+  config.data.synthetic.num_eval = 12
+  config.train.batch_size = 4
+  builders.ensure_synthetic(config.data.data_dir, config)
+  return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer(config):
+  return make_test_tokenizer(list(loader.synthetic_texts(config)))
+
+
+def _assert_same_record(a: schema.Record, b: schema.Record):
+  fa, fb = schema.to_features(a), schema.to_features(b)
+  assert fa.keys() == fb.keys()
+  for key in fa:
+    np.testing.assert_array_equal(np.asarray(fa[key]), np.asarray(fb[key]), err_msg=key)
+
+
+def test_synthetic_records_are_deterministic_and_targets_exact(config):
+  cfg = config.data.synthetic
+  for modality in schema.MODALITIES:
+    a = synthetic.make_record(modality, "train", 7, cfg)
+    _assert_same_record(a, synthetic.make_record(modality, "train", 7, cfg))
+    assert a.image != synthetic.make_record(modality, "validation", 7, cfg).image
+    bands = np.asarray(Image.open(io.BytesIO(a.image))).ndim
+    assert bands == (3 if modality == "optical" else 2)
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    scene = synthetic.make_scene(rng, cfg)
+    assert cfg.min_size <= scene.height <= cfg.max_size
+    for obj in scene.objects:
+      assert obj.mask.shape == (scene.height, scene.width) and obj.mask.any()
+      ys, xs = np.nonzero(obj.mask)
+      assert obj.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    for i, a in enumerate(scene.objects):  # non-overlapping
+      for b in scene.objects[i + 1:]:
+        assert not (a.mask & b.mask).any()
+
+
+def test_synthetic_covers_every_task_prompt_kind_and_valid_targets(config):
+  cfg = config.data.synthetic
+  tasks, kinds = collections.Counter(), collections.Counter()
+  for modality in schema.MODALITIES:
+    for index in range(60):
+      r = synthetic.make_record(modality, "train", index, cfg)
+      w, h = Image.open(io.BytesIO(r.image)).size
+      schema.validate(r, w, h)  # raises on any inconsistency
+      tasks[r.task] += 1
+      kinds.update(p.kind for p in r.prompts)
+      if r.task == "box_grounding":
+        (box,) = template.parse_coordinates(r.turns[1], w, h).boxes
+        assert 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h
+      if r.task == "referring_segmentation":
+        assert r.turns[1].count(template.SEG) == len(r.masks) == 1
+  assert set(tasks) == set(schema.TASKS)
+  assert min(tasks.values()) >= 10  # tasks drawn uniformly: 180 records / 8 tasks
+  assert set(kinds) == set(schema.PROMPT_KINDS)
+
+
+def test_render_conversation_template():
+  segs = template.render_conversation(["What is <vp1>?", "a ship", "And <vp2>?", "[SEG]"],
+                                      "sar")
+  assert [s.is_answer for s in segs] == [False, True, False, True]
+  assert segs[0].text == (f"{template.SYSTEM_PROMPT} USER: <image>\nThis is a synthetic "
+                          "aperture radar (SAR) image.\nWhat is <vp1>? ASSISTANT:")
+  assert segs[1].text == " a ship" and segs[2].text == "USER: And <vp2>? ASSISTANT:"
+  pieces = template.split_placeholders("a <image> b <vp2>")
+  assert pieces == ["a ", template.Placeholder("image"), " b ", template.Placeholder("vp", 1)]
+  assert template.expand_placeholders("<vp1>", 3, 2) == "<vp><vp_patch><vp_patch></vp>"
+
+
+@pytest.fixture(scope="module")
+def first_batches(config, tokenizer):
+  it = loader.make_train_iterator(config, tokenizer)
+  return [next(it) for _ in range(3)]
+
+
+def test_batches_follow_the_contract(config, tokenizer, first_batches):
+  ids = loader.TokenIds.from_tokenizer(tokenizer)
+  views_n = 1 + config.model.vision.max_tiles
+  per_view = config.model.vision.token_grid ** 2
+  k = config.model.prompt.tokens_per_prompt
+  for batch in first_batches:
+    batch_lib.validate_batch(batch, config, config.train.batch_size)
+    for b in range(config.train.batch_size):
+      input_ids, loss = batch["input_ids"][b], batch["loss_mask"][b]
+      n = int(np.sum(input_ids != ids.pad))
+      assert input_ids[0] == ids.bos and not batch["attention_mask"][b, n:].any()
+      np.testing.assert_array_equal(batch["targets"][b, :n - 1], input_ids[1:n])
+      # The loss covers exactly the answer and its EOS, which ends the sequence.
+      answer = batch["targets"][b][loss]
+      assert answer[-1] == ids.eos and np.flatnonzero(loss)[-1] == n - 2
+      assert ids.image_patch not in answer and ids.vp_patch not in answer
+      # Image tokens: all views; those of padding views are masked out of attention.
+      patch = np.flatnonzero(input_ids == ids.image_patch)
+      assert len(patch) == views_n * per_view
+      visible = batch["attention_mask"][b, patch].reshape(views_n, per_view)
+      np.testing.assert_array_equal(visible.all(1), batch["view_valid"][b])
+      # Prompt tokens: p * K + j at the K tokens of <vp{p+1}>.
+      vp = batch["vp_token_index"][b]
+      np.testing.assert_array_equal(vp >= 0, input_ids == ids.vp_patch)
+      num_prompts = int(batch["prompt_valid"][b].sum())
+      assert set(vp[vp >= 0].tolist()) <= set(range(num_prompts * k))
+      # One valid mask per [SEG] in the answer.
+      assert int(np.sum(answer == ids.seg)) == int(batch["seg_valid"][b].sum())
+      assert batch["seg_masks"][b][~batch["seg_valid"][b]].sum() == 0
+      assert all(batch["seg_masks"][b][q].sum() > 0
+                 for q in np.flatnonzero(batch["seg_valid"][b]))
+
+
+def test_answer_and_seg_mask_match_the_stored_record(config, tokenizer):
+  source = loader._source(config, "synthetic_optical", "train")
+  processor = loader.ExampleProcessor(config, tokenizer)
+  seen = 0
+  for i in range(len(source)):
+    record = schema.from_features(source[i])
+    if record.task != "referring_segmentation":
+      continue
+    example = processor.process(source[i])
+    answer = tokenizer.decode(example["targets"][example["loss_mask"]])
+    assert answer == " " + record.turns[1] + tokenizer.eos_token
+    img = np.asarray(Image.open(io.BytesIO(record.image)))
+    mask = schema.decode_mask(record.masks[0], img.shape[1], img.shape[0])
+    view = views.make_views(img.astype(np.float32) / 255, config.model.vision.image_size,
+                            config.model.vision.max_tiles)
+    expected = views.warp_to_view(mask.astype(np.float32), view.affine[0],
+                                  config.model.vision.image_size, order=0)
+    np.testing.assert_array_equal(example["seg_masks"][0], expected)
+    np.testing.assert_allclose(example["view_affine"], view.affine)
+    seen += 1
+  assert seen
+
+
+def test_truncation_keeps_prompt_and_cuts_the_answer(config, tokenizer):
+  short = config.copy_and_resolve_references()
+  short.data.max_length = 120
+  processor = loader.ExampleProcessor(short, tokenizer)
+  valid = np.ones(1 + config.model.vision.max_tiles, bool)
+  long_answer = " ".join(["ship"] * 200)
+  text, _ = processor.tokenize(["<image>\nq", long_answer, "next?", "more"], "optical", valid)
+  ids = loader.TokenIds.from_tokenizer(tokenizer)
+  assert (text["input_ids"] != ids.pad).all()  # filled to the limit
+  assert np.sum(text["input_ids"] == ids.image_patch) == 3 * 16  # image tokens whole
+  assert text["loss_mask"].sum() > 0 and ids.eos not in text["input_ids"]
+  with pytest.raises(schema.BadRecordError, match="too_long"):
+    tiny = short.copy_and_resolve_references()
+    tiny.data.max_length = 40
+    loader.ExampleProcessor(tiny, tokenizer).tokenize(["<image>\nq", "a"], "optical", valid)
+
+
+def test_mixing_proportions_within_2_percent(config):
+  mixed = config.copy_and_resolve_references()
+  for name, w in zip(sorted(mixed.data.sources), (0.5, 0.3, 0.2)):
+    mixed.data.sources[name].weight = w
+  sizes = {name: 90 for name in mixed.data.sources}
+  it = iter(loader.mixed_indices(mixed, sizes, 0, 1))
+  counts = collections.Counter(next(it)[0] for _ in range(10_000))
+  for name in mixed.data.sources:
+    assert abs(counts[name] / 10_000 - mixed.data.sources[name].weight) < 0.02, counts
+  # The real pipeline reads what the mixture names.
+  records = iter(loader.mixed_records(mixed, "train"))
+  for _ in range(20):
+    features = next(records)
+    assert features["source"].decode() in ("synthetic_rs_optical", "synthetic_rs_sar",
+                                           "synthetic_rs_infrared")
+
+
+def test_resume_from_orbax_gives_identical_batches(config, tokenizer, tmp_path):
+  it = loader.make_train_iterator(config, tokenizer)
+  for _ in range(2):
+    next(it)
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as mngr:
+    mngr.save(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    expected = [next(it) for _ in range(3)]
+    fresh = loader.make_train_iterator(config, tokenizer)
+    mngr.restore(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+  for want in expected:
+    got = next(fresh)
+    assert got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_processes_get_disjoint_shards(config, tokenizer):
+  ids = []
+  for p in range(2):
+    seen = []
+    for eval_batch in loader.make_eval_iterator(config, tokenizer, None, p, 2):
+      seen += [r.id for r, v in zip(eval_batch.records, eval_batch.valid) if v]
+      assert not eval_batch.batch["attention_mask"][~eval_batch.valid].any()
+    ids.append(set(seen))
+  assert ids[0] and ids[1] and not ids[0] & ids[1]
+  assert len(ids[0] | ids[1]) == 3 * config.data.synthetic.num_eval
+  # Train mixtures of the two processes never share a record either.
+  train = [set() for _ in range(2)]
+  for p in range(2):
+    records = iter(loader.mixed_records(config, "train", p, 2))
+    for _ in range(60):
+      train[p].add(next(records)["id"])
+  assert not train[0] & train[1]
+
+
+def _bad_variants(good: schema.Record) -> dict[str, schema.Record]:
+  import dataclasses
+  r = dataclasses.replace
+  small = schema.encode_mask(np.ones((3, 3), bool))
+  return {
+      "corrupt_image": r(good, image=b"\x89PNG not really"),
+      "unknown_modality": r(good, modality="lidar"),
+      "unknown_task": r(good, task="dance"),
+      "prompt_out_of_bounds": r(good, prompts=(schema.point_prompt(1e4, 1.0),),
+                                turns=("<image>\nWhat is <vp1>?", "ship")),
+      "mask_size_mismatch": r(good, turns=("<image>\nSegment it.", "[SEG]"), masks=(small,)),
+      "seg_mask_count_mismatch": r(good, turns=("<image>\nSegment it.", "[SEG] [SEG]"),
+                                   masks=(small,)),
+      "no_answer": r(good, turns=("<image>\nWhat?",)),
+      "bad_placeholder": r(good, turns=("<image>\nWhat is <vp3>?", "ship")),
+  }
+
+
+def test_bad_records_are_counted_skipped_and_abort_above_the_fraction(config, tokenizer):
+  good = synthetic.make_record("optical", "train", 0, config.data.synthetic)
+  bad = _bad_variants(good)
+  # Bad records interleaved with the first 25 good ones; counts ride on delivered batches.
+  records = [good] * 25 + list(bad.values())
+  order = np.random.default_rng(0).permutation(len(records))
+  features = [schema.to_features(records[i]) for i in order] + [schema.to_features(good)] * 5
+  ds = grain.MapDataset.source(features).to_iter_dataset()
+  cfg = config.copy_and_resolve_references()
+  cfg.data.max_bad_fraction = 0.5
+  it = loader.make_batches(ds, cfg, tokenizer, 5).__iter__()
+  batches = list(it)
+  assert len(batches) == 6 and it.good_records == 30
+  assert it.bad_records == {reason: 1 for reason in bad}
+  assert it.get_state()["bad_records"] == [int(r in bad) for r in schema.BAD_REASONS]
+  cfg.data.max_bad_fraction = 0.1
+  cfg.data.bad_check_min_records = 20
+  strict = loader.make_batches(ds, cfg, tokenizer, 5).__iter__()
+  with pytest.raises(loader.BadRecordFractionError, match="data.max_bad_fraction"):
+    list(strict)
