@@ -165,6 +165,7 @@ def _rsicd_captions(shared_data):
   return {n: [strip(c) for c in captions[n]] for n in names if n in captions}
 
 
+@pytest.mark.slow  # starts a second METEOR JVM (its paraphrase table load dominates)
 def test_caption_scores_rsicd_match_pycocoevalcap(shared_data, caption_scorer):
   from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=import-outside-toplevel
   from pycocoevalcap.cider.cider import Cider  # pylint: disable=import-outside-toplevel
