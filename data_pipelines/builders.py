@@ -13,6 +13,7 @@ no TensorFlow needed: images are stored as encoded bytes). Names are `dataset` o
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -21,8 +22,9 @@ from collections.abc import Iterator
 import ml_collections
 import tensorflow_datasets as tfds
 
-from data_pipelines import schema, synthetic
-from data_pipelines import converters
+from data_pipelines import converters, schema, synthetic
+from data_pipelines.converters import (dior_rsvg, dota, hit_uav, hrsid, mstar, nwpu_captions,
+                                       rsicd, rsvqa, scene_folder, sirst, ssdd, ucm_captions)
 
 _FILE_FORMAT = "array_record"
 
@@ -88,10 +90,22 @@ class ConverterBuilder(RecordBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
-    return {split: self._generate_from(manual_dir, split) for split in self.SPLIT_NAMES}
+    splits = {}
+    for split in self.SPLIT_NAMES:  # Splits without records (partial copies) are left out.
+      records = self.CONVERTER.records(manual_dir, split)
+      first = next(records, None)
+      if first is None:
+        logging.warning("%s: split %r has no records in %s; not written", self.name, split,
+                        manual_dir)
+        continue
+      splits[split] = self._generate_from(itertools.chain([first], records))
+    if not splits:
+      raise converters.ConversionError(f"{self.name}: no records in any split under "
+                                       f"{manual_dir}")
+    return splits
 
-  def _generate_from(self, manual_dir: str, split: str):
-    for record in self.CONVERTER.records(manual_dir, split):
+  def _generate_from(self, records):
+    for record in records:
       yield record.id, schema.to_features(record)
 
 
@@ -101,8 +115,10 @@ def _converter_builder(name: str, module) -> type[ConverterBuilder]:
       __doc__=(module.__doc__ or name).strip().splitlines()[0]), skip_registration=True)
 
 
+CONVERTERS = {m.SOURCE: m for m in (dior_rsvg, dota, hit_uav, hrsid, mstar, nwpu_captions, rsicd,
+                                    rsvqa, scene_folder, sirst, ssdd, ucm_captions)}
 CONVERTER_BUILDERS: dict[str, type[ConverterBuilder]] = {
-    name: _converter_builder(name, module) for name, module in converters.CONVERTERS.items()}
+    name: _converter_builder(name, module) for name, module in CONVERTERS.items()}
 DATASETS: tuple[str, ...] = (*(f"synthetic_rs/{m}" for m in schema.MODALITIES),
                              *CONVERTER_BUILDERS)
 
