@@ -308,12 +308,17 @@ def grounding_scores(answer: str, target_boxes: Sequence[Box],
 def mask_intersection_union(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
   """[2 (background, foreground), 2 (intersection, union)] pixel counts of two binary masks.
 
-  pred, target: [H, W], bool or {0, 1}; a missing prediction is an all-False mask.
+  pred, target: [H, W], bool or {0, 1} (threshold logits first, as LISA does at 0); a missing
+  prediction is an all-False mask.
   """
   pred, target = np.asarray(pred), np.asarray(target)
   if pred.shape != target.shape or pred.ndim != 2:
     raise ValueError(f"pred_mask: expected the target's [H, W] shape {target.shape}, "
                      f"got {pred.shape}")
+  for name, m in (("pred_mask", pred), ("target_mask", target)):
+    if m.dtype != bool and not np.isin(m, (0, 1)).all():
+      raise ValueError(f"{name}: expected a binary mask (bool or 0/1), got values "
+                       f"{np.unique(m)[:5]}...")
   counts = np.zeros([2, 2], np.int64)
   for cls, (p, t) in enumerate([(pred == 0, target == 0), (pred != 0, target != 0)]):
     counts[cls] = (np.count_nonzero(p & t), np.count_nonzero(p | t))
@@ -462,8 +467,8 @@ class _Mask(_Family):
 
 METRIC_FAMILIES = ("accuracy", "vqa", "semantic", "caption", "box", "mask")
 
-# Task name -> metric families. Names follow issue 6's task list; pass your own mapping to
-# `evaluate` for other task names.
+# Task name -> metric families, for every task of data_pipelines.schema.TASKS (a test keeps
+# them in step); pass your own mapping to `evaluate` for other task names.
 DEFAULT_TASK_METRICS: dict[str, tuple[str, ...]] = {
     "scene_classification": ("accuracy",),
     "image_caption": ("caption",),
@@ -554,9 +559,9 @@ def format_table(results: Mapping[str, Any]) -> str:
              for name, row in rows]
     widths = [max(len(line[c]) for line in [header, *cells]) for c in range(len(header))]
     lines = [f"task: {task}",
-             "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
     blocks.append("\n".join(lines))
   return "\n\n".join(blocks)
 

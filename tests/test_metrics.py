@@ -284,6 +284,8 @@ def test_mask_scores_hand_computed():
   assert scores["mIoU"] == pytest.approx((40 / 46 + 2 / 8) / 2)
   with pytest.raises(ValueError, match="pred_mask"):
     metrics.mask_scores([np.zeros([4, 5])], [t])
+  with pytest.raises(ValueError, match="pred_mask: expected a binary mask"):
+    metrics.mask_scores([np.full([4, 4], 0.7)], [t])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,6 +357,12 @@ def test_evaluate_groups_equal_standalone_metrics(tmp_path):
   table = metrics.format_table(results)
   assert "task: box_grounding" in table and "source=MSTAR" in table
   assert "modality=infrared" in table and "Acc@0.5" in table and "gIoU" in table
+
+
+def test_default_task_metrics_cover_the_record_schema_tasks():
+  from data_pipelines import schema  # pylint: disable=import-outside-toplevel
+  assert set(metrics.DEFAULT_TASK_METRICS) == set(schema.TASKS)
+  assert all(set(f) <= set(metrics.METRIC_FAMILIES) for f in metrics.DEFAULT_TASK_METRICS.values())
 
 
 def test_evaluate_rejects_unknown_task_and_missing_fields():
