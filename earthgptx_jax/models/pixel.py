@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from data_pipelines.views import global_view_shape
 from earthgptx_jax.models.mask_decoder import SamMaskDecoder, SamPromptEncoder, dense, layer_norm
 from earthgptx_jax.models.sam_vit import SamVisionEncoder
 
@@ -138,15 +139,6 @@ def sam_normalize(pixel_values: jax.Array, vit_config: ml_collections.ConfigDict
 # Post-processing (inference) and data-path validation.
 
 
-def resized_hw(original_hw: Sequence[int], image_size: int) -> tuple[int, int]:
-  """Size of the image inside the S x S global view: longest side -> S, SAM's rounding."""
-  h, w = (int(v) for v in original_hw)
-  if h <= 0 or w <= 0:
-    raise ValueError(f"original_hw: must be positive, got {tuple(original_hw)}")
-  scale = image_size / max(h, w)
-  return int(h * scale + 0.5), int(w * scale + 0.5)
-
-
 def postprocess_masks(mask_logits: jax.Array, original_hw: Sequence[int], image_size: int, *,
                       binarize: bool = False, threshold: float = 0.0) -> jax.Array:
   """Mask logits in the global-view frame -> logits (or masks) over the original image.
@@ -162,9 +154,11 @@ def postprocess_masks(mask_logits: jax.Array, original_hw: Sequence[int], image_
   x = jnp.asarray(mask_logits, jnp.float32)
   if x.shape[-1] != image_size:
     x = jax.image.resize(x, (*lead, image_size, image_size), "bilinear", antialias=False)
-  rh, rw = resized_hw(original_hw, image_size)
-  x = x[..., :rh, :rw]
   oh, ow = (int(v) for v in original_hw)
+  if oh <= 0 or ow <= 0:
+    raise ValueError(f"original_hw: must be positive, got {tuple(original_hw)}")
+  rh, rw = global_view_shape(oh, ow, image_size)  # the image's extent inside the view
+  x = x[..., :rh, :rw]
   if (rh, rw) != (oh, ow):
     x = jax.image.resize(x, (*lead, oh, ow), "bilinear", antialias=False)
   return x > threshold if binarize else x
