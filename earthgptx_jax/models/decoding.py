@@ -46,27 +46,31 @@ class _ById:
     return isinstance(other, _ById) and other.obj is self.obj
 
 
-def _select(logits: Array, rng: Array, temperature: float, top_p: float) -> Array:
-  """logits [B, V] float32 -> token [B]: greedy at temperature 0, else nucleus sampling."""
-  if temperature == 0.0:
+def _select(logits: Array, rng: Array, sample: bool, temperature: Array, top_p: Array) -> Array:
+  """logits [B, V] float32 -> token [B]: argmax, or nucleus sampling when `sample`.
+
+  `sample` is static (greedy decoding never sorts the vocabulary); temperature and top_p are
+  traced, so changing them does not recompile.
+  """
+  if not sample:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  threshold = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1,
+                      keepdims=True)
+  logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id",
-                                             "temperature", "top_p", "return_hidden_states"))
+                                             "sample", "return_hidden_states"))
 def _generate(model: _ById, params: Any, input_ids: Array | None, inputs_embeds: Array | None,
-              attention_mask: Array, rng: Array, *, max_new_tokens: int, eos_id: int, pad_id: int,
-              temperature: float, top_p: float, return_hidden_states: bool) -> GenerateOutput:
+              attention_mask: Array, rng: Array, temperature: Array, top_p: Array, *,
+              max_new_tokens: int, eos_id: int, pad_id: int, sample: bool,
+              return_hidden_states: bool) -> GenerateOutput:
   module = model.obj
   cfg = module.config
   prompt = input_ids if input_ids is not None else inputs_embeds
@@ -79,7 +83,7 @@ def _generate(model: _ById, params: Any, input_ids: Array | None, inputs_embeds:
   last = prompt_len - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1)
   rows = jnp.arange(batch)
   rng, step_rng = jax.random.split(rng)
-  first = _select(out.logits[rows, last], step_rng, temperature, top_p)
+  first = _select(out.logits[rows, last], step_rng, sample, temperature, top_p)
 
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   hidden = None
@@ -96,7 +100,7 @@ def _generate(model: _ById, params: Any, input_ids: Array | None, inputs_embeds:
     i, tokens, hidden, done, cache, rng = state
     step = module.apply(params, tokens[:, i - 1][:, None], cache=cache, decode=True)
     rng, step_rng = jax.random.split(rng)
-    token = _select(step.logits[:, 0], step_rng, temperature, top_p)
+    token = _select(step.logits[:, 0], step_rng, sample, temperature, top_p)
     token = jnp.where(done, pad_id, token)
     tokens = tokens.at[:, i].set(token)
     if hidden is not None:
@@ -150,6 +154,6 @@ def generate(model: llama.Llama, params: Any, *, input_ids: Array | None = None,
     raise ValueError("generate: temperature > 0 needs an rng key")
   rng = jax.random.key(0) if rng is None else rng
   return _generate(_ById(model), params, input_ids, inputs_embeds, attention_mask, rng,
+                   jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                    max_new_tokens=max_new_tokens, eos_id=int(eos_id), pad_id=int(pad_id),
-                   temperature=float(temperature), top_p=float(top_p),
-                   return_hidden_states=return_hidden_states)
+                   sample=temperature > 0, return_hidden_states=return_hidden_states)
