@@ -189,13 +189,16 @@ class ExampleProcessor:
       raise schema.BadRecordError("bad_prompt", str(e)) from None
 
   def _encode(self, text: str) -> list[int]:
-    """Plain text (may hold [SEG]) -> ids; [SEG] always maps to its one special id."""
+    """Plain text (may hold [SEG]) -> ids; [SEG] maps to its one special id, while other
+    special-token strings typed in text (e.g. "<im_patch>") stay ordinary text, so only the
+    template places image and prompt tokens."""
     ids: list[int] = []
     for k, piece in enumerate(text.split(template.SEG)):
       if k:
         ids.append(self.ids.seg)
       if piece:
-        ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+        ids.extend(self.tokenizer.encode(piece, add_special_tokens=False,
+                                         split_special_tokens=True))
     return ids
 
   def _encode_segment(self, text: str, views_valid: np.ndarray):
@@ -375,7 +378,8 @@ def source_data_dir(config: ml_collections.ConfigDict, dataset: str) -> str:
   """Where `dataset` is stored: synthetic data under its size fingerprint, others in data_dir."""
   data_dir = os.path.expanduser(config.data.data_dir)
   if dataset.startswith("synthetic_rs/"):
-    return os.path.join(data_dir, f"synthetic_rs_{builders.synthetic_fingerprint(config.data.synthetic)}")
+    fingerprint = builders.synthetic_fingerprint(config.data.synthetic)
+    return os.path.join(data_dir, f"synthetic_rs_{fingerprint}")
   return data_dir
 
 
