@@ -92,7 +92,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # dense map for the pixel decoder (global view only) comes from `dense_source`:
   # "convnext" (stage `dense_stage`), "dino" (patch grid) or "mixed" (the token grid).
   model.vision.convnext_stage = -1  # ConvNeXt stage feeding the image tokens
-  model.vision.dino_layer = -1  # DINOv2 block output feeding them (-1: after final norm)
+  # DINOv2 tokens feeding them: None = after the final norm; k = HF hidden_states[k].
+  model.vision.dino_layer = placeholder(int)
   model.vision.dense_source = "convnext"
   model.vision.dense_stage = 2  # stride 16: 28x28 at 448
   # CLIP-ConvNeXt trunk (open_clip convnext_large_d_320 = timm convnext_large).
@@ -100,10 +101,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
       depths=(1, 1, 2, 1) if is_tiny else (3, 3, 27, 3),
       dims=(8, 16, 24, 32) if is_tiny else (192, 384, 768, 1536),
       in_channels=3, patch_size=4, kernel_size=7, mlp_ratio=4, layer_norm_eps=1e-6,
+      head_norm_eps=1e-6,  # pooled-feature norm (timm head.norm; HF ConvNext uses 1e-12)
       layer_scale_init=1e-6,
       image_mean=(0.48145466, 0.4578275, 0.40821073),  # OpenAI CLIP
       image_std=(0.26862954, 0.26130258, 0.27577711),
-      pretrained_path=None))  # open_clip/timm state dict or HF ConvNext folder
+      dtype=model.vision.get_ref("dtype"), param_dtype=model.vision.get_ref("param_dtype"),
+      remat=model.vision.get_ref("remat"),
+      pretrained_path=placeholder(str)))  # open_clip/timm state dict or HF ConvNext folder
   # DINOv2 ViT (HF Dinov2Model layout), ViT-L/14 pretrained at 518.
   model.vision.dino = ConfigDict(dict(
       hidden_size=16 if is_tiny else 1024, num_layers=2 if is_tiny else 24,
@@ -114,7 +118,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
       use_mask_token=True, initializer_range=0.02,
       image_mean=(0.485, 0.456, 0.406),  # ImageNet
       image_std=(0.229, 0.224, 0.225),
-      pretrained_path=None))  # HF Dinov2 folder
+      dtype=model.vision.get_ref("dtype"), param_dtype=model.vision.get_ref("param_dtype"),
+      remat=model.vision.get_ref("remat"), attention_impl=model.vision.get_ref("attention_impl"),
+      pretrained_path=placeholder(str)))  # HF Dinov2 folder
   # Per-modality preprocessing (data_pipelines/preprocess.py).
   model.vision.preprocess = ConfigDict(dict(
       optical_bands=(0, 1, 2), optical_percentiles=(1.0, 99.0), sar_scale="amplitude",
@@ -147,6 +153,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       num_register_tokens=0, layer_norm_eps=1e-6, layerscale_value=1.0, use_swiglu_ffn=False,
       qkv_bias=True, pos_interp_antialias=False, use_mask_token=False,
       dtype=model.prompt.get_ref("dtype"), param_dtype=model.prompt.get_ref("param_dtype"),
+      initializer_range=model.prompt.get_ref("initializer_range"),
       remat=model.prompt.get_ref("remat"),
       attention_impl=model.prompt.get_ref("attention_impl")))
   # Filled by the pixel-perception issue (5): SAM-style prompt encoder and mask decoder.

@@ -1,0 +1,137 @@
+"""ConvNeXt trunk of open_clip's CLIP-ConvNeXt models (timm `ConvNeXt`), in Flax Linen.
+
+EarthGPT-X takes local texture from a CLIP ConvNeXt (open_clip `convnext_large_d_320`, whose
+visual trunk is timm's `convnext_large`). This is that trunk: a 4x4 patchify stem + LayerNorm,
+then four stages, each a (LayerNorm + 2x2 stride-2 conv) downsampling (stages 1..3) followed by
+blocks of depthwise 7x7 conv -> LayerNorm -> Linear(4C) -> GELU(exact) -> Linear(C) -> layer
+scale -> residual. It returns every stage's feature map and the trunk's pooled, normalised
+feature (timm `head.norm`); classifier and CLIP projection heads are not part of the encoder. Numerically checked against timm / open_clip / HF ConvNext
+by tests/test_convnext.py; weights convert with `earthgptx_jax.convert.vision`.
+
+Config: `get_config(...).model.vision.convnext` (configs/fusion.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Array = jax.Array
+# timm initialises convs and linears with trunc_normal(std=.02), biases with zeros.
+_KERNEL_INIT = nn.initializers.truncated_normal(0.02)
+_FEATURE_MAP = ("activation_batch", None, None, "activation_embed")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the field when the module cannot represent `config`."""
+  if len(config.depths) != len(config.dims) or not config.depths:
+    raise ValueError(f"convnext: depths {tuple(config.depths)} and dims {tuple(config.dims)} "
+                     f"must be non-empty and of equal length")
+  if any(d < 0 for d in config.depths) or any(c <= 0 for c in config.dims):
+    raise ValueError(f"convnext: depths must be >= 0 and dims > 0, got {tuple(config.depths)}, "
+                     f"{tuple(config.dims)}")
+  if config.kernel_size % 2 != 1:
+    raise ValueError(f"convnext.kernel_size: must be odd, got {config.kernel_size}")
+
+
+def total_stride(config: ml_collections.ConfigDict, stage: int) -> int:
+  """Pixels per feature-map cell at `stage` (negative counts from the end)."""
+  stage = range(len(config.dims))[stage]
+  return config.patch_size * 2 ** stage
+
+
+def _layer_norm(epsilon, dtype, param_dtype, name):
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      name=name)
+
+
+class ConvNeXtBlock(nn.Module):
+  """x: [B, H, W, C] -> [B, H, W, C]; timm `ConvNeXtBlock` with `conv_mlp=False`."""
+  config: ml_collections.ConfigDict
+  dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg, dim = self.config, self.dim
+    k = cfg.kernel_size
+    y = nn.Conv(dim, (k, k), padding=((k // 2, k // 2),) * 2, feature_group_count=dim,
+                dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(
+                    _KERNEL_INIT, ("conv_height", "conv_width", None, "conv_out")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                name="conv_dw")(x)
+    y = _layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "norm")(y)
+    y = nn.Dense(int(cfg.mlp_ratio * dim), dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, ("conv_in", "mlp")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+                 name="fc1")(y)
+    y = nn.gelu(y, approximate=False)
+    y = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, ("mlp", "conv_in")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_in",)),
+                 name="fc2")(y)
+    if cfg.layer_scale_init is not None:
+      gamma = self.param("gamma", nn.with_logical_partitioning(
+          nn.initializers.constant(cfg.layer_scale_init), ("norm",)), (dim,), self.param_dtype)
+      y = y * gamma.astype(self.dtype)
+    return nn.with_logical_constraint(x + y, _FEATURE_MAP)
+
+
+class ConvNeXtOutput(NamedTuple):
+  stages: tuple[Array, ...]  # per stage i: [B, H / (patch * 2^i), W / (patch * 2^i), dims[i]]
+  pooled: Array  # [B, dims[-1]]: LayerNorm(mean of the last map), timm's `head.norm` /
+  #                HF's pooler; unused outputs cost nothing under jit (XLA drops them)
+
+
+class ConvNeXt(nn.Module):
+  """x: [B, H, W, C_in] (already normalised) -> ConvNeXtOutput (per-stage maps, pooled).
+
+  Sizes, `dtype` (compute), `param_dtype` and `remat` (recompute each block's activations in
+  the backward pass) come from `config`.
+  """
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x: Array) -> ConvNeXtOutput:
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    check_config(cfg)
+    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+      raise ValueError(f"convnext input: expected [B, H, W, {cfg.in_channels}], got {x.shape}")
+    min_side = total_stride(cfg, -1)
+    if min(x.shape[1:3]) < min_side:
+      raise ValueError(f"convnext input: height and width must be >= {min_side} pixels, got "
+                       f"{x.shape[1:3]}")
+    block_cls = nn.remat(ConvNeXtBlock) if cfg.remat else ConvNeXtBlock
+    p = cfg.patch_size
+    x = x.astype(dtype)
+    x = nn.Conv(cfg.dims[0], (p, p), strides=(p, p), padding="VALID", dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=nn.with_logical_partitioning(
+                    _KERNEL_INIT, ("conv_height", "conv_width", "conv_in", "conv_out")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                name="stem_conv")(x)
+    x = _layer_norm(cfg.layer_norm_eps, dtype, param_dtype, "stem_norm")(x)
+    features = []
+    for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
+      if i > 0:
+        x = _layer_norm(cfg.layer_norm_eps, dtype, param_dtype, f"stages_{i}_downsample_norm")(x)
+        x = nn.Conv(dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
+                    param_dtype=param_dtype,
+                    kernel_init=nn.with_logical_partitioning(
+                        _KERNEL_INIT, ("conv_height", "conv_width", "conv_in", "conv_out")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                    name=f"stages_{i}_downsample_conv")(x)
+      for j in range(depth):
+        x = block_cls(cfg, dim, dtype, param_dtype, name=f"stages_{i}_blocks_{j}")(x)
+      features.append(nn.with_logical_constraint(x, _FEATURE_MAP))
+    pooled = _layer_norm(cfg.head_norm_eps, dtype, param_dtype, "head_norm")(x.mean(axis=(1, 2)))
+    return ConvNeXtOutput(stages=tuple(features), pooled=pooled)
