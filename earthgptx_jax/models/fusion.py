@@ -1,0 +1,172 @@
+"""Multi-modal content integration: image tokens and visual-prompt tokens -> LLM width.
+
+EarthGPT-X fuses what the image shows with where the user pointed before either reaches the
+LLM. One integration block, pre-norm with residuals (`x + f(LN(x))`), at width
+D = config.embed_dim:
+
+    image  [B, N, C_img] -> Dense -> (1) self-attention over image tokens ---------------+
+    prompt [B, P, K, D]  ->          (2) feed-forward over prompt tokens                  |
+                                     (3) cross-attention: prompt tokens query the image <-+
+    [image ; prompt]                 (4) self-attention over the joint sequence (the "sum")
+                                     LayerNorm -> projector MLP (LLaVA mlp2x_gelu) -> H_llm
+
+Which side queries which, and why (step 3): the PROMPT tokens are the queries and the image
+tokens the keys/values. The LLM reads the K tokens at each `<vpk>` placeholder; for "what is at
+<vp1>?" those tokens must carry the content of the marked region, not only its shape, so each
+prompt token should read out image features where its prompt is - the prompt-to-image direction
+of SAM's two-way transformer and of Q-Former/Resampler read-outs. The reverse direction (image
+queries prompts) would leave the prompt tokens shape-only, and an example with no prompt would
+give every image token an all-masked attention row. The image tokens still see the prompts in
+step (4), where image and prompt tokens attend to each other jointly, so that several prompts
+can relate to one another ("how is <vp1> placed relative to <vp2>?") and image tokens become
+prompt-aware.
+
+Padding image tokens (padding zoom tiles) and absent prompts are masked as keys everywhere and
+their outputs are zeros, so they change nothing else; prompts carry no order embedding, so
+permuting the prompts of an example permutes the outputs. C_img is taken from the input.
+
+Config: `get_config(...).model.prompt` (configs/fusion.py): embed_dim, fusion_heads,
+fusion_mlp_dim, layer_norm_eps, initializer_range, dtype, param_dtype, remat, attention_impl.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from earthgptx_jax.models import attention
+
+Dtype = Any
+_TOKENS = ("activation_batch", "activation_length", "activation_embed")
+
+
+def dense(features: int, names: tuple[str | None, str | None], config, *,
+          name: str | None = None) -> nn.Dense:
+  """A Dense whose kernel [in, out] carries logical `names` and bias names[-1]."""
+  return nn.Dense(
+      features, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+      kernel_init=nn.with_logical_partitioning(
+          nn.initializers.truncated_normal(config.initializer_range), names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]), name=name)
+
+
+def layer_norm(config, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps, dtype=jnp.dtype(config.dtype),
+      param_dtype=jnp.dtype(config.param_dtype),
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head attention, queries x [B, T, D] over context [B, S, D'] -> [B, T, D].
+
+  `key_valid` [B, S] bool masks keys; a query whose keys are all masked gets a finite average
+  (see attention.py) that callers zero out.
+  """
+  config: ml_collections.ConfigDict
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array, key_valid: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"attention: width {width} is not a multiple of num_heads "
+                       f"{self.num_heads}")
+    heads = (self.num_heads, width // self.num_heads)
+
+    def project(y, name):  # [B, T, D'] -> [B, T, N, H]
+      y = dense(width, ("vit_embed", "vit_heads"), self.config, name=name)(y)
+      return y.reshape(y.shape[:2] + heads)
+
+    out = attention.dot_product_attention(
+        project(x, "query"), project(context, "key"), project(context, "value"),
+        mask=key_valid[:, None, None, :], implementation=self.config.attention_impl)
+    out = out.reshape(out.shape[:2] + (width,))
+    return dense(width, ("vit_heads", "vit_embed"), self.config, name="out")(out)
+
+
+class FeedForward(nn.Module):
+  """Dense -> GELU -> Dense at hidden width `hidden`; [..., D] -> [..., D]."""
+  config: ml_collections.ConfigDict
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = dense(self.hidden, ("vit_embed", "vit_mlp"), self.config, name="fc1")(x)
+    h = nn.gelu(h, approximate=False)
+    return dense(x.shape[-1], ("vit_mlp", "vit_embed"), self.config, name="fc2")(h)
+
+
+class Projector(nn.Module):
+  """LLaVA-1.5's mlp2x_gelu: [..., D] -> Dense(H) -> GELU -> Dense(H) -> [..., H]."""
+  config: ml_collections.ConfigDict
+  llm_width: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = dense(self.llm_width, ("vit_embed", "mlp"), self.config, name="fc1")(x)
+    h = nn.gelu(h, approximate=False)
+    return dense(self.llm_width, ("mlp", "embed"), self.config, name="fc2")(h)
+
+
+class ContentIntegration(nn.Module):
+  """Integration block + projector (see the module docstring for the design).
+
+  Attributes:
+    config: `model.prompt`.
+    llm_width: H_llm, the LLM's hidden size.
+  """
+  config: ml_collections.ConfigDict
+  llm_width: int
+
+  @nn.compact
+  def __call__(self, image_tokens: jax.Array, image_valid: jax.Array, prompt_embeds: jax.Array,
+               prompt_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """image_tokens [B, N, C_img], image_valid [B, N], prompt_embeds [B, P, K, D],
+    prompt_valid [B, P] -> (image_llm [B, N, H_llm], prompt_llm [B, P, K, H_llm])."""
+    cfg = self.config
+    b, n, _ = image_tokens.shape
+    _, p, k, d = prompt_embeds.shape
+    if d != cfg.embed_dim:
+      raise ValueError(f"prompt_embeds: last dim {d} differs from model.prompt.embed_dim="
+                       f"{cfg.embed_dim}")
+    if image_valid.shape != (b, n) or prompt_valid.shape != (b, p):
+      raise ValueError(f"image_valid {image_valid.shape} / prompt_valid {prompt_valid.shape}: "
+                       f"expected {(b, n)} / {(b, p)}")
+    attn = nn.remat(Attention) if cfg.remat else Attention
+    ffn = nn.remat(FeedForward) if cfg.remat else FeedForward
+    image_valid = image_valid.astype(bool)
+    token_valid = jnp.repeat(prompt_valid.astype(bool), k, axis=1)  # [B, P*K]
+
+    # Padding is zeroed on entry so that nothing in it (even NaN) reaches a valid token.
+    image_tokens = jnp.where(image_valid[..., None], image_tokens, 0)
+    img = dense(d, (None, "vit_embed"), cfg, name="image_in")(image_tokens)  # [B, N, D]
+    img = nn.with_logical_constraint(img, _TOKENS)
+    prm = prompt_embeds.reshape(b, p * k, d).astype(img.dtype)  # [B, P*K, D]
+    prm = jnp.where(token_valid[..., None], prm, jnp.zeros((), prm.dtype))
+
+    # (1) image self-attention.
+    h = layer_norm(cfg, "image_norm")(img)
+    img = img + attn(cfg, cfg.fusion_heads, name="image_self_attn")(h, h, image_valid)
+    # (2) prompt feed-forward.
+    prm = prm + ffn(cfg, cfg.fusion_mlp_dim, name="prompt_ffn")(layer_norm(cfg, "prompt_norm")(prm))
+    # (3) cross-attention: prompt tokens query the image.
+    q = layer_norm(cfg, "cross_query_norm")(prm)
+    kv = layer_norm(cfg, "cross_context_norm")(img)
+    prm = prm + attn(cfg, cfg.fusion_heads, name="cross_attn")(q, kv, image_valid)
+    # (4) self-attention over the joint sequence.
+    x = jnp.concatenate([img, prm], axis=1)  # [B, N + P*K, D]
+    x = nn.with_logical_constraint(x, _TOKENS)
+    valid = jnp.concatenate([image_valid, token_valid], axis=1)
+    h = layer_norm(cfg, "joint_norm")(x)
+    x = x + attn(cfg, cfg.fusion_heads, name="joint_self_attn")(h, h, valid)
+
+    x = Projector(cfg, self.llm_width, name="projector")(layer_norm(cfg, "final_norm")(x))
+    x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))  # [B, N + P*K, H]
+    x = nn.with_logical_constraint(x, _TOKENS)
+    return x[:, :n], x[:, n:].reshape(b, p, k, self.llm_width)
