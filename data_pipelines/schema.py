@@ -232,7 +232,10 @@ def _validate_prompt(prompt: VisualPrompt, i: int, width: int, height: int) -> N
   if prompt.kind == "box" and (pts[1] < pts[0]).any():
     raise BadRecordError("bad_prompt", f"prompt {i}: box {pts.reshape(-1).tolist()} has "
                          "x2<x1 or y2<y1")
-  if (pts < 0).any() or (pts[:, 0] > width).any() or (pts[:, 1] > height).any():
+  # Points name a pixel, so they lie in [0, W) x [0, H); other prompts in [0, W] x [0, H].
+  edge = prompt.kind == "point"
+  if (pts < 0).any() or (pts[:, 0] > width).any() or (pts[:, 1] > height).any() or (
+      edge and ((pts[:, 0] >= width).any() or (pts[:, 1] >= height).any())):
     raise BadRecordError("prompt_out_of_bounds", f"prompt {i} ({prompt.kind}) "
                          f"{pts.reshape(-1).tolist()} outside the {width}x{height} image")
   if prompt.kind == "mask":
