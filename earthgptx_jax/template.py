@@ -104,6 +104,11 @@ def format_point(point: Sequence[float], width: float, height: float) -> str:
 
 
 _NUMBER_LIST_RE = re.compile(r"\[\s*(-?\d+(?:\s*,\s*-?\d+)*)\s*\]")
+# A bracket and what follows up to its `]` (or the end of the text, for a truncated answer).
+# One holding only digits, signs, dots, commas and spaces (with a digit) is meant as
+# coordinates and must be a well-formed integer list; others (`[SEG]`, `[see 2]`) are text.
+_BRACKET_RE = re.compile(r"\[[^\[\]]*(?:\]|$)")
+_NUMERIC_BRACKET_RE = re.compile(r"\[[\d\s,.+\-]*\d[\d\s,.+\-]*\]?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +120,20 @@ class ParsedCoordinates:
 def parse_coordinates(text: str, width: float, height: float) -> ParsedCoordinates:
   """Finds every `[x1,y1,x2,y2]` box and `[x,y]` point in `text`, in pixel coordinates.
 
-  Raises CoordinateParseError (a ValueError) naming the offending fragment when a bracketed
-  list has the wrong arity or a value outside 0..COORD_BINS-1, or when x2<x1 / y2<y1.
-  Text with no bracketed list parses to empty lists.
+  Raises CoordinateParseError (a ValueError) naming the offending fragment when a bracket
+  holding only numbers is not a comma-separated integer list (e.g. `[0.1,0.2,0.3,0.4]`,
+  `[12 34]`, or `[12,34` cut off at the end of the text), has the wrong arity or a value
+  outside 0..COORD_BINS-1, or when x2<x1 / y2<y1. Text with no such bracket parses to empty
+  lists.
   """
   boxes, points = [], []
-  for match in _NUMBER_LIST_RE.finditer(text):
+  for bracket in _BRACKET_RE.finditer(text):
+    if not _NUMERIC_BRACKET_RE.fullmatch(bracket.group(0)):
+      continue
+    match = _NUMBER_LIST_RE.fullmatch(bracket.group(0))
+    if match is None:
+      raise CoordinateParseError(f"coordinates {bracket.group(0)!r}: expected [x,y] or "
+                                 f"[x1,y1,x2,y2] with integers in 0..{COORD_BINS - 1}")
     values = [int(v) for v in match.group(1).split(",")]
     if any(v < 0 or v >= COORD_BINS for v in values):
       raise CoordinateParseError(f"coordinates {match.group(0)!r}: values must be in "
