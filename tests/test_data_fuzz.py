@@ -84,7 +84,7 @@ def records(draw):
     if m == "junk_image":
       image = draw(st.binary(max_size=64))
     elif m == "truncated_image":
-      image = image[:draw(st.integers(0, len(image) - 1))]
+      image = image[:draw(st.integers(0, max(len(image) - 1, 0)))]
     elif m == "empty_image":
       image = b""
     elif m == "modality":
