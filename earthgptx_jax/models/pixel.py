@@ -107,6 +107,10 @@ class PixelDecoder(nn.Module):
 
     prompt_encoder = SamPromptEncoder(cfg.decoder, cfg.sam_vit.image_size, name="prompt_encoder",
                                       **kw)
+    if self.is_initializing():
+      # The [SEG] path never embeds a mask prompt; create those params anyway so that a SAM
+      # checkpoint loads and exports whole (convert/sam.py).
+      prompt_encoder.embed_masks(jnp.zeros((1, 4 * h, 4 * w), dtype))
     dense_prompt = prompt_encoder.no_mask_dense(b, h, w)
     image_pe = prompt_encoder.image_positional_embedding(h, w)
     masks, iou = SamMaskDecoder(cfg.decoder, name="mask_decoder", **kw)(
