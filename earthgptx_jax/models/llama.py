@@ -152,6 +152,29 @@ class RMSNorm(nn.Module):
     return weight.astype(dtype) * x32.astype(dtype)
 
 
+class Projection(nn.Module):
+  """Bias-free projection contracting the last `in_axes` input axes into `features`.
+
+  A kernel of the full multi-axis shape (e.g. [D, N, H]) so that each axis carries its own
+  logical name; flax's DenseGeneral initialises through a flattened 2-D kernel, which breaks
+  multi-axis logical sharding constraints.
+  """
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]
+  config: ml_collections.ConfigDict
+  in_axes: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.in_axes:]
+    kernel = self.param("kernel", _init(self.config, self.names), (*in_shape, *self.features),
+                        _dtype(self.config.param_dtype))
+    dtype = _dtype(self.config.dtype)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE, optionally over a KV cache."""
   config: ml_collections.ConfigDict
@@ -165,14 +188,12 @@ class Attention(nn.Module):
     Returns the output [B, T, D] and the chunk's new (k, v) [B, T, K, H] (None without cache).
     """
     cfg = self.config
-    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=_dtype(cfg.dtype),
-                              param_dtype=_dtype(cfg.param_dtype))
-    q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_init(cfg, ("embed", "heads", "head_dim")),
-              name="q_proj")(x)
-    k = dense((cfg.num_kv_heads, cfg.head_dim),
-              kernel_init=_init(cfg, ("embed", "kv_heads", "head_dim")), name="k_proj")(x)
-    v = dense((cfg.num_kv_heads, cfg.head_dim),
-              kernel_init=_init(cfg, ("embed", "kv_heads", "head_dim")), name="v_proj")(x)
+    q = Projection((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg,
+                   name="q_proj")(x)
+    k = Projection((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg,
+                   name="k_proj")(x)
+    v = Projection((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg,
+                   name="v_proj")(x)
     q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("activation_batch",
                                    "activation_length", "activation_heads", None))
     k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("activation_batch",
@@ -190,10 +211,8 @@ class Attention(nn.Module):
                                             (zero, end, zero, zero)).astype(q.dtype)
     out = attention.dot_product_attention(q, keys, values, mask=mask,
                                           implementation=cfg.attention_impl)
-    out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False,
-                          dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-                          kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
-                          name="o_proj")(out)
+    out = Projection((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, in_axes=2,
+                     name="o_proj")(out)
     return out, new_kv
 
 
