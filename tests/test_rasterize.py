@@ -159,6 +159,9 @@ def test_mask_samples_pixel_centres():
   np.testing.assert_array_equal(R.rasterize(prompt, _affine(2, 0), 64)[:48],
                                 np.kron(mask, np.ones((2, 2))))
   np.testing.assert_array_equal(R.rasterize(prompt, _affine(0.5, 0), 16)[:12], mask[1::2, 1::2])
+  # A general (non axis-aligned) affine: the transpose swaps x and y.
+  transpose = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+  np.testing.assert_array_equal(R.rasterize(prompt, transpose, 32)[:, :24], mask.T)
 
 
 def test_real_sirst_mask_in_global_view(shared_data):
