@@ -39,7 +39,7 @@ def _pixel(pixel: ConfigDict, is_tiny: bool) -> None:
       hidden_size=32 if is_tiny else 256, num_layers=2, num_heads=2 if is_tiny else 8,
       mlp_dim=64 if is_tiny else 2048, attention_downsample_rate=2, num_multimask_outputs=3,
       iou_head_depth=3, iou_head_hidden_dim=32 if is_tiny else 256,
-      mask_input_channels=8 if is_tiny else 16, layer_norm_eps=1e-6, attention_impl="xla"))
+      mask_input_channels=16, layer_norm_eps=1e-6, attention_impl="xla"))
   pixel.sam_vit = ConfigDict(dict(  # paper: SAM ViT-H
       image_size=64 if is_tiny else 1024, patch_size=8 if is_tiny else 16,
       hidden_size=32 if is_tiny else 1280, num_layers=2 if is_tiny else 32,
