@@ -94,10 +94,6 @@ class TokenIds:
     return cls(**ids)
 
 
-def tokenizer_vocab_size(tokenizer) -> int:
-  return len(tokenizer)
-
-
 # ----------------------------------------------------------------------------------------------
 # One example.
 
@@ -612,7 +608,7 @@ def prepare(config: ml_collections.ConfigDict) -> Data:
   ids = TokenIds.from_tokenizer(tokenizer)
   with config.unlocked():
     config.model.llm.vocab_size = max(int(config.model.llm.vocab_size),
-                                      tokenizer_vocab_size(tokenizer))
+                                      len(tokenizer))
     if "token_ids" not in config.model:
       config.model.token_ids = ml_collections.ConfigDict()
     for name, value in dataclasses.asdict(ids).items():

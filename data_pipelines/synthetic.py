@@ -287,8 +287,10 @@ _RENDERERS = {"optical": render_optical, "sar": render_sar, "infrared": render_i
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
+  """Lossless and fast: noisy sensor images barely compress, so zlib level 1 is ~2.5x faster
+  than PIL's default 6 for about the same size (measured at paper sizes)."""
   buf = io.BytesIO()
-  Image.fromarray(pixels).save(buf, format="PNG")
+  Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
   return buf.getvalue()
 
 
