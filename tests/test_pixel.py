@@ -155,3 +155,44 @@ def test_validate_seg_targets_errors():
     pixel.validate_seg_targets(1, masks[0], (30, 40))
   with pytest.raises(ValueError, match="0/1"):
     pixel.validate_seg_targets(2, masks + 255, (30, 40))
+
+
+def _sirst_samples(shared_data, min_area=40, limit=3):
+  """(stem, image_hw, mask [H, W] bool, xml box) for single-target SIRST images."""
+  import xml.etree.ElementTree as ET
+  from PIL import Image
+  root = shared_data / "SIRST"
+  out = []
+  for png in sorted((root / "masks").glob("*_pixels0.png")):
+    stem = png.name[:-len("_pixels0.png")]
+    mask = np.asarray(Image.open(png))
+    mask = (mask[..., 0] if mask.ndim == 3 else mask) > 0
+    objects = ET.parse(root / "masks" / f"{stem}.xml").getroot().findall("object")
+    if len(objects) != 1 or mask.sum() < min_area:
+      continue
+    box = [int(objects[0].find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
+    width, height = Image.open(root / "images" / f"{stem}.png").size
+    out.append((stem, (height, width), mask, box))
+    if len(out) == limit:
+      break
+  return out
+
+
+def test_real_sirst_masks_validate_box_and_survive_the_global_view(shared_data):
+  """Real IR masks: pass validation, give their annotated box (VOC, +-1 px), and come back
+  from the global-view frame through postprocess_masks with high IoU."""
+  from data_pipelines import views
+  samples = _sirst_samples(shared_data)
+  assert samples, "no single-target SIRST sample found"
+  for stem, image_hw, mask, xml_box in samples:
+    pixel.validate_seg_targets(1, mask[None].astype(np.uint8), image_hw)
+    box, nonempty = pixel.mask_to_box(jnp.asarray(mask))
+    assert bool(nonempty)
+    assert np.abs(np.asarray(box) - xml_box).max() <= 1, (stem, np.asarray(box), xml_box)
+    size = 256
+    affine = views.view_affines(*image_hw, size, 0)[0][0]
+    soft = views.warp_to_view(mask.astype(np.float32), affine, size, order=1)
+    back = np.asarray(pixel.postprocess_masks(jnp.asarray(4 * soft - 2), image_hw, size,
+                                              binarize=True))
+    iou = (back & mask).sum() / (back | mask).sum()
+    assert iou > 0.75, (stem, iou)

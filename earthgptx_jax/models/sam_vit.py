@@ -19,7 +19,7 @@ import ml_collections
 from flax import linen as nn
 
 from earthgptx_jax.models.attention import dot_product_attention
-from earthgptx_jax.models.mask_decoder import MLPBlock, conv, dense, layer_norm, split_heads
+from earthgptx_jax.models.mask_decoder import MLPBlock, conv, dense, layer_norm
 
 Dtype = Any
 
