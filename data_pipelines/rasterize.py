@@ -265,7 +265,7 @@ def _draw_polygon(out: np.ndarray, vertices: np.ndarray) -> None:
 
   Pixel (i, j) is inside when an odd number of the edges crossing the scanline y = i + 0.5
   do so at x <= j + 0.5, i.e. at a crossing whose first pixel ceil(x - 0.5) is <= j: a
-  histogram of those first pixels per row, cumulated along the row, counts them.
+  histogram of those first pixels per row, cumulated (mod 2) along the row, counts them.
   """
   size = out.shape[0]
   p, q = vertices, np.roll(vertices, -1, axis=0)
@@ -279,7 +279,8 @@ def _draw_polygon(out: np.ndarray, vertices: np.ndarray) -> None:
   first = np.clip(np.ceil(np.round(xs, _DECIMALS) - 0.5), 0, size).astype(np.int64)
   counts = np.zeros((size, size + 1), np.int32)
   np.add.at(counts, (rows, first), 1)
-  out |= np.cumsum(counts[:, :size], axis=1) % 2 == 1
+  parity = (counts[:, :size] & 1).astype(np.uint8)
+  out |= np.bitwise_xor.accumulate(parity, axis=1).astype(bool)  # cumulated count, mod 2
 
 
 def _draw_scribble(out: np.ndarray, vertices: np.ndarray, half_width: float) -> None:
