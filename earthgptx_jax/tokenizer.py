@@ -1,0 +1,124 @@
+"""Tokenizers: load any local HF tokenizer folder with the project's special tokens, train a
+small one for the tiny preset and tests (no hub here), and grow embeddings to match.
+
+The special tokens and their order come from `template.SPECIAL_TOKENS` only; rows for added
+tokens are appended in that order, so token ids and resized embeddings are deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from earthgptx_jax import template
+
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+# Ids 0..3 of a tokenizer built here (LLaMA's order, with <pad> at 3 instead of absent).
+BASE_SPECIAL_TOKENS = (UNK, BOS, EOS, template.PAD)
+
+
+def load_tokenizer(folder: str | os.PathLike):
+  """A local HF tokenizer folder with `template.SPECIAL_TOKENS` added (missing ones, in order).
+
+  A tokenizer without a pad token gets its unk token as pad (as LLaVA / LISA do for LLaMA),
+  else `template.PAD` appended. Never reaches the network.
+  """
+  import transformers
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"tokenizer folder: {folder} does not exist")
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"tokenizer folder {folder}: not a transformers tokenizer ({e})") from None
+  vocab = tok.get_vocab()
+  missing = [t for t in template.SPECIAL_TOKENS if t not in vocab]
+  if missing:
+    tok.add_tokens(missing, special_tokens=True)
+  if tok.pad_token is None:
+    if tok.unk_token is not None:
+      tok.pad_token = tok.unk_token
+    else:
+      tok.add_special_tokens({"pad_token": template.PAD})
+  for t in template.SPECIAL_TOKENS:  # each must encode to exactly one id
+    ids = tok.encode(t, add_special_tokens=False)
+    if len(ids) != 1:
+      raise ValueError(f"tokenizer {folder}: special token {t!r} encodes to {ids}, not one id")
+  return tok
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+  """`template.SPECIAL_TOKENS` plus pad/bos/eos -> ids."""
+  ids = {t: tokenizer.convert_tokens_to_ids(t) for t in template.SPECIAL_TOKENS}
+  for name in ("pad", "bos", "eos"):
+    ids[name] = getattr(tokenizer, f"{name}_token_id")
+  return ids
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int, folder: str | os.PathLike):
+  """Trains a byte-level BPE on `texts` and saves it as an HF folder; returns `load_tokenizer`.
+
+  Ids 0..3 are <unk> <s> </s> <pad>, then `template.SPECIAL_TOKENS` in order, then the 256
+  byte symbols and merges up to `vocab_size` in total. Byte-level, so any text encodes (no
+  unk) and decodes back exactly. `<s>` is prepended to every encoded sequence, as LLaMA does.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  import transformers
+
+  specials = [*BASE_SPECIAL_TOKENS, *template.SPECIAL_TOKENS]
+  floor = len(specials) + len(pre_tokenizers.ByteLevel.alphabet())
+  if vocab_size < floor:
+    raise ValueError(f"vocab_size: {vocab_size} is below the {floor} special + byte tokens")
+  tok = Tokenizer(models.BPE(unk_token=UNK))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  bos_id = tok.token_to_id(BOS)
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=template.PAD,
+      extra_special_tokens=list(template.SPECIAL_TOKENS))
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  fast.save_pretrained(str(folder))
+  return load_tokenizer(folder)
+
+
+def resize_embeddings(params: Mapping, new_vocab: int) -> dict:
+  """Grows `embed_tokens/embedding` [V, D] (and untied `lm_head/kernel` [D, V]) to `new_vocab`.
+
+  New rows are the mean of the old rows (LLaVA / LISA's recipe): deterministic, and the new
+  tokens start with the average logit instead of a random one. Old rows are kept exactly.
+  Accepts the Llama params tree (or `{"params": tree}`); returns the same structure with
+  numpy leaves for the resized tensors. The caller sets `model.llm.vocab_size = new_vocab`.
+  """
+  from flax import linen as nn
+  params = nn.meta.unbox(params)
+  wrapped = "params" in params and "embed_tokens" not in params
+  tree = dict(params["params"] if wrapped else params)
+  if "embed_tokens" not in tree:
+    raise ValueError("resize_embeddings: params have no 'embed_tokens' (not Llama params)")
+  emb = np.asarray(tree["embed_tokens"]["embedding"])
+  old = emb.shape[0]
+  if new_vocab < old:
+    raise ValueError(f"resize_embeddings: new_vocab={new_vocab} is smaller than the current "
+                     f"vocabulary {old}; shrinking would drop trained rows")
+
+  def grow(x: np.ndarray, axis: int) -> np.ndarray:
+    mean = x.astype(np.float64).mean(axis=axis, keepdims=True).astype(x.dtype)
+    reps = [1] * x.ndim
+    reps[axis] = new_vocab - old
+    return np.concatenate([x, np.tile(mean, reps)], axis=axis)
+
+  tree["embed_tokens"] = {**tree["embed_tokens"], "embedding": grow(emb, 0)}
+  if "lm_head" in tree:
+    kernel = np.asarray(tree["lm_head"]["kernel"])
+    tree["lm_head"] = {**tree["lm_head"], "kernel": grow(kernel, kernel.ndim - 1)}
+  return {"params": tree} if wrapped else tree
