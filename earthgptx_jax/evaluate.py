@@ -140,3 +140,58 @@ def evaluate_params(params, config, data, *, mesh=None, max_examples=None, split
 
 def format_summary(flat: Mapping[str, float]) -> str:
   return " ".join(f"{k} {v:.3f}" for k, v in sorted(flat.items()) if not k.endswith("/n"))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI.
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer/, "
+                               "checkpoints/).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest usable one).")
+_SPLIT = flags.DEFINE_string("split", None, "Split of every configured source (default: "
+                             "config.data.eval_split).")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "Cap on examples per run.")
+_OUT = flags.DEFINE_string("out", None, "Write the full per-task/modality/source JSON here.")
+_SEMANTIC = flags.DEFINE_bool("semantic", True, "Score SS / S-IoU for referring "
+                              "classification (loads all-MiniLM-L6-v2 from its PyPI package).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
+
+
+def run(argv) -> int:
+  del argv
+  from data_pipelines import loader
+  from earthgptx_jax import infer
+  if not _WORKDIR.value:
+    raise infer.InferenceError("--workdir: required")
+  predictor = infer.Predictor.from_workdir(_WORKDIR.value, _STEP.value)
+  config = predictor.config
+  if _DATA_DIR.value:
+    config.data.data_dir = _DATA_DIR.value
+  data = loader.Data(config=config, tokenizer=predictor.tokenizer)
+  samples = generate_samples(predictor.generator.params, config, data,
+                             max_examples=_MAX_EXAMPLES.value, split=_SPLIT.value)
+  task_metrics = dict(metrics.DEFAULT_TASK_METRICS)
+  if not _SEMANTIC.value:
+    task_metrics["referring_classification"] = ("accuracy",)
+  results = metrics.evaluate(samples, task_metrics)
+  results["summary"] = summarize(results)
+  print(metrics.format_table(results))
+  print("\nscore (mean headline metric over tasks): "
+        f"{results['summary']['score']:.4f} on {len(samples)} examples")
+  if _OUT.value:
+    metrics.write_json(results, _OUT.value)
+    print(f"wrote {_OUT.value}")
+  return 0
+
+
+def main(argv):
+  from earthgptx_jax import infer
+  try:
+    sys.exit(run(argv))
+  except (infer.InferenceError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
