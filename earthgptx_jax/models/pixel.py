@@ -60,7 +60,7 @@ class PixelDecoder(nn.Module):
   config: `config.model.pixel`. With image_encoder='sam' the decoder owns a SAM ViT
   (`vision_encoder`) and takes `sam_pixel_values`, the global view [B, S, S, 3] in [0, 1] as in
   batch.py (normalised with SAM's mean/std and resized to sam_vit.image_size here). With
-  'mixed' it takes `dense` [B, h, w, C_in], the mixed encoders' dense map of the global view,
+  'mixed' it takes `dense_features` [B, h, w, C_in], the mixed encoders' dense map of the view,
   projected to the decoder width by a 1x1 projection + LayerNorm (like SAM's neck).
   Parameter subtrees `vision_encoder`, `prompt_encoder`, `mask_decoder` load from a HF SamModel
   (`convert/sam.py`); `seg_fc1`, `seg_fc2` (and `dense_proj`, `dense_norm`) are new.
