@@ -286,3 +286,18 @@ def test_worker_processes_resume_exactly(config, tokenizer):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   resumed.close()
+
+
+def test_prepare_fills_token_ids_and_builds_the_project_tokenizer(config):
+  data = loader.prepare(config)
+  ids = data.config.model.token_ids
+  tok = data.tokenizer
+  assert ids.image_patch == tok.convert_tokens_to_ids(template.IMAGE_PATCH)
+  assert ids.seg == tok.convert_tokens_to_ids(template.SEG)
+  assert data.config.model.llm.vocab_size >= len(tok)
+  assert data.config is not config  # the input config is left as it was
+  assert config.model.llm.vocab_size == fusion.get_config("tiny").model.llm.vocab_size
+  batch = next(data.train_iterator(0, 1))
+  batch_lib.validate_batch(batch, data.config, config.train.batch_size)
+  answer = batch["targets"][0][batch["loss_mask"][0]]
+  assert answer[-1] == ids.eos
