@@ -12,6 +12,8 @@ no TensorFlow needed: images are stored as encoded bytes). Names are `dataset` o
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -182,10 +184,24 @@ def ensure_synthetic(data_dir: str, config: ml_collections.ConfigDict) -> str:
   tfds.disable_progress_bar()
   path = os.path.join(os.path.expanduser(os.fspath(data_dir)),
                       f"synthetic_rs_{synthetic_fingerprint(cfg)}")
-  for modality in schema.MODALITIES:
-    builder = get_builder(f"synthetic_rs/{modality}", path, synthetic_config=cfg)
-    if not builder.is_prepared():
-      logging.info("generating synthetic_rs/%s under %s", modality, path)
-      builder.download_and_prepare()
+  with exclusive(path):
+    for modality in schema.MODALITIES:
+      builder = get_builder(f"synthetic_rs/{modality}", path, synthetic_config=cfg)
+      if not builder.is_prepared():
+        logging.info("generating synthetic_rs/%s under %s", modality, path)
+        builder.download_and_prepare()
   return path
+
+
+@contextlib.contextmanager
+def exclusive(path: str):
+  """Holds an exclusive lock on `<path>.lock`: JAX processes of one job all call `prepare`,
+  and the first to arrive builds while the others wait, then find the data ready."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(f"{path}.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -579,10 +579,11 @@ def ensure_tokenizer(config: ml_collections.ConfigDict):
     return tokenizer_lib.load_tokenizer(os.path.expanduser(path))
   folder = os.path.join(source_data_dir(config, "synthetic_rs/optical"),
                         f"tokenizer_{int(config.model.llm.vocab_size)}")
-  if not os.path.exists(os.path.join(folder, "tokenizer.json")):
-    builders.ensure_synthetic(config.data.data_dir, config)
-    tokenizer_lib.build_tokenizer(list(synthetic_texts(config)),
-                                  int(config.model.llm.vocab_size), folder)
+  with builders.exclusive(folder):  # one builder among concurrent processes
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+      builders.ensure_synthetic(config.data.data_dir, config)
+      tokenizer_lib.build_tokenizer(list(synthetic_texts(config)),
+                                    int(config.model.llm.vocab_size), folder)
   return tokenizer_lib.load_tokenizer(folder)
 
 

@@ -301,3 +301,17 @@ def test_prepare_fills_token_ids_and_builds_the_project_tokenizer(config):
   batch_lib.validate_batch(batch, data.config, config.train.batch_size)
   answer = batch["targets"][0][batch["loss_mask"][0]]
   assert answer[-1] == ids.eos
+
+
+def test_concurrent_ensure_synthetic_builds_once(tmp_path):
+  """All JAX processes call prepare(): concurrent builders must not collide."""
+  import concurrent.futures
+  cfg = fusion.get_config("tiny")
+  cfg.data.synthetic.num_train = 6
+  cfg.data.synthetic.num_eval = 3
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    paths = list(pool.map(lambda _: builders.ensure_synthetic(str(tmp_path), cfg), range(2)))
+  assert paths[0] == paths[1]
+  source = builders.data_source("synthetic_rs/sar", "validation", paths[0],
+                                synthetic_config=cfg.data.synthetic)
+  assert len(source) == 3
