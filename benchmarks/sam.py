@@ -3,7 +3,8 @@
 Times (a) the ViT-B image encoder at 1024 px and (b) prompt encoder + mask decoder for Q point
 prompts on one image (single-mask output, as the [SEG] path uses it). Reports the median of
 `--repeats` runs after one warm-up (JAX and torch alternating), JAX's compile time separately,
-the ratio JAX / torch (target <= 1.0x) and the relative difference of the outputs (a sanity check, not a test).
+the ratio JAX / torch (target <= 1.0x) and the relative difference of the outputs (a sanity
+check, not a test).
 
   python benchmarks/sam.py                      # ViT-B, 1024 px, batch 1
   python benchmarks/sam.py --image_size=512     # quicker
