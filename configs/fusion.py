@@ -102,6 +102,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       dims=(8, 16, 24, 32) if is_tiny else (192, 384, 768, 1536),
       in_channels=3, patch_size=4, kernel_size=7, mlp_ratio=4, layer_norm_eps=1e-6,
       head_norm_eps=1e-6,  # pooled-feature norm (timm head.norm; HF ConvNext uses 1e-12)
+      depthwise_impl="auto",  # 7x7 depthwise conv: auto | xla | shift (see models/convnext.py)
       layer_scale_init=1e-6,
       image_mean=(0.48145466, 0.4578275, 0.40821073),  # OpenAI CLIP
       image_std=(0.26862954, 0.26130258, 0.27577711),

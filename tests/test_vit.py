@@ -77,6 +77,11 @@ def dinov2_registers(tmp_path_factory):
   return _hf_folder(tmp_path_factory, registers=True, seed=1)
 
 
+@pytest.fixture(scope="module")
+def dinov2_loaded(dinov2, base):
+  return convert.load_dinov2(dinov2[0], base)
+
+
 def _apply(cfg, params, x_nchw, **kwargs):
   """Jitted forward on a torch NCHW batch."""
   x = jnp.asarray(x_nchw.permute(0, 2, 3, 1).numpy())
@@ -85,9 +90,9 @@ def _apply(cfg, params, x_nchw, **kwargs):
 
 # Native 32x32 (4x4 grid), larger and non-square (grid 6x5: resampled up), smaller (2x3: down).
 @pytest.mark.parametrize("hw", [(32, 32), (48, 40), (16, 24)])
-def test_parity_with_hf_dinov2(dinov2, base, hw):
-  folder, model = dinov2
-  cfg, params = convert.load_dinov2(folder, base)
+def test_parity_with_hf_dinov2(dinov2, dinov2_loaded, hw):
+  _, model = dinov2
+  cfg, params = dinov2_loaded
   assert not cfg.pos_interp_antialias and cfg.num_register_tokens == 0
   x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(2))
   with torch.no_grad():
@@ -100,9 +105,9 @@ def test_parity_with_hf_dinov2(dinov2, base, hw):
   assert _rel_err(penultimate.patch_tokens, ref.hidden_states[-2][:, 1:].numpy()) <= 1e-5
 
 
-def test_parity_with_masked_patches(dinov2, base):
-  folder, model = dinov2
-  cfg, params = convert.load_dinov2(folder, base)
+def test_parity_with_masked_patches(dinov2, dinov2_loaded):
+  _, model = dinov2
+  cfg, params = dinov2_loaded
   x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
   mask = torch.rand(2, 16, generator=torch.Generator().manual_seed(4)) < 0.5
   with torch.no_grad():
@@ -163,11 +168,11 @@ def test_reusable_as_random_one_channel_prompt_encoder(base):
              hidden_size=8, num_heads=2, num_layers=1)
   module = vit_lib.ViT(cfg)
   maps = jnp.zeros([3, 16, 16, 1]).at[:, 4:9, 2:7].set(1.0)
-  variables = module.init(jax.random.key(0), maps)
+  variables = jax.jit(module.init)(jax.random.key(0), maps)
   assert "mask_token" not in variables["params"]
-  out = module.apply(variables, maps)
+  out = jax.jit(module.apply)(variables, maps)
   assert out.patch_tokens.shape == (3, 16, 8) and out.cls.shape == (3, 8)
-  grads = jax.grad(lambda v: jnp.sum(module.apply(v, maps).cls ** 2))(variables)
+  grads = jax.jit(jax.grad(lambda v: jnp.sum(module.apply(v, maps).cls ** 2)))(variables)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert np.abs(nn.meta.unbox(grads)["params"]["patch_embed"]["kernel"]).sum() > 0
   with pytest.raises(ValueError, match="use_mask_token=False"):
@@ -186,7 +191,12 @@ def mixed():
   module = vision_lib.MixedVisionEncoder(cfg)
   pixels = jax.random.uniform(jax.random.key(1), [2, 1 + cfg.max_tiles, cfg.image_size,
                                                   cfg.image_size, 3])
-  variables = nn.meta.unbox(module.init(jax.random.key(0), pixels))
+  # Random values on init's shapes: compiling `init` (its RNG) costs more than the forward.
+  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), pixels))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(0.0, 0.5 / max(1, np.prod(s.shape[:-1])) ** 0.5,
+                                       s.shape), s.dtype), shapes)
   tokens, dense = jax.jit(module.apply)(variables, pixels)
   return cfg, module, variables, pixels, tokens, dense
 
@@ -209,12 +219,12 @@ def test_mixed_encoder_is_both_encoders_concatenated(mixed):
   b, v, s = pixels.shape[0], pixels.shape[1], cfg.image_size
   x = pixels.reshape(b * v, s, s, 3)
   c = cfg.convnext
-  conv = convnext_lib.ConvNeXt(c).apply(
+  conv = jax.jit(convnext_lib.ConvNeXt(c).apply)(
       {"params": params["convnext"]},
       (x - jnp.asarray(c.image_mean)) / jnp.asarray(c.image_std))
   d = cfg.dino
-  dino = vit_lib.ViT(d).apply({"params": params["dino"]},
-                              (x - jnp.asarray(d.image_mean)) / jnp.asarray(d.image_std))
+  dino = jax.jit(vit_lib.ViT(d).apply)({"params": params["dino"]},
+                                       (x - jnp.asarray(d.image_mean)) / jnp.asarray(d.image_std))
   g = cfg.token_grid
   assert conv.stages[-1].shape[1:3] == (2, 2) and dino.grid == (8, 8)  # grown / shrunk to 4x4
   conv_tokens = jax.image.resize(conv.stages[-1], (b * v, g, g, c.dims[-1]), "linear")

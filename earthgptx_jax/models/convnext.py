@@ -51,6 +51,78 @@ def _layer_norm(epsilon, dtype, param_dtype, name):
                       name=name)
 
 
+DEPTHWISE_IMPLS = ("auto", "xla", "shift")
+
+
+class DepthwiseConv(nn.Module):
+  """x: [B, H, W, C] -> [B, H, W, C], k x k depthwise conv, 'same' padding (torch padding k//2).
+
+  Params are a Conv's (`kernel` [k, k, 1, C], `bias` [C]). `impl`: `xla` is a grouped
+  `conv_general_dilated`; `shift` sums k*k shifted, scaled copies of the input (one fused
+  elementwise loop, accumulated in float32), which XLA:CPU runs >10x faster than its grouped
+  convolution (benchmarks/encoders.py); `auto` picks `shift` on CPU and `xla` elsewhere.
+  """
+  features: int
+  kernel_size: int
+  impl: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, c = self.kernel_size, self.features
+    if self.impl not in DEPTHWISE_IMPLS:
+      raise ValueError(f"convnext.depthwise_impl: unknown value {self.impl!r}; expected one of "
+                       f"{DEPTHWISE_IMPLS}")
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        _KERNEL_INIT, ("conv_height", "conv_width", None, "conv_out")), (k, k, 1, c),
+        self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                      (c,), self.param_dtype)
+    impl = self.impl
+    if impl == "auto":
+      impl = "shift" if jax.default_backend() == "cpu" else "xla"
+    conv = _depthwise_shift if impl == "shift" else _depthwise_xla
+    y = conv(x.astype(self.dtype), kernel.astype(self.dtype))
+    return (y + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def _depthwise_xla(x: Array, kernel: Array) -> Array:
+  """x: [B, H, W, C], kernel: [k, k, 1, C] -> float32 [B, H, W, C]."""
+  k = kernel.shape[0]
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), ((k // 2, k // 2),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1], preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _depthwise_shift(x: Array, kernel: Array) -> Array:
+  """Same as `_depthwise_xla`, as k*k shifted multiply-adds (fast forward on XLA:CPU)."""
+  k = kernel.shape[0]
+  h, w = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0))).astype(jnp.float32)
+  taps = kernel.astype(jnp.float32)
+  y = jnp.zeros(x.shape, jnp.float32)
+  for i in range(k):
+    for j in range(k):
+      y = y + padded[:, i:i + h, j:j + w] * taps[i, j, 0]
+  return y
+
+
+def _depthwise_shift_fwd(x, kernel):
+  return _depthwise_shift(x, kernel), (x, kernel)
+
+
+def _depthwise_shift_bwd(residuals, grad):
+  # The backward of k*k shifted slices is k*k pads: slow to compile. Use the grouped conv's.
+  x, kernel = residuals
+  _, vjp = jax.vjp(_depthwise_xla, x, kernel)
+  return vjp(grad)
+
+
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+
+
 class ConvNeXtBlock(nn.Module):
   """x: [B, H, W, C] -> [B, H, W, C]; timm `ConvNeXtBlock` with `conv_mlp=False`."""
   config: ml_collections.ConfigDict
@@ -62,12 +134,8 @@ class ConvNeXtBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg, dim = self.config, self.dim
     k = cfg.kernel_size
-    y = nn.Conv(dim, (k, k), padding=((k // 2, k // 2),) * 2, feature_group_count=dim,
-                dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    _KERNEL_INIT, ("conv_height", "conv_width", None, "conv_out")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                name="conv_dw")(x)
+    y = DepthwiseConv(dim, k, cfg.depthwise_impl, self.dtype, self.param_dtype,
+                      name="conv_dw")(x)
     y = _layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "norm")(y)
     y = nn.Dense(int(cfg.mlp_ratio * dim), dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, ("conv_in", "mlp")),
