@@ -294,7 +294,8 @@ class Llama(nn.Module):
       attention_mask: [B, T] bool, False at padding; default all True.
       positions: [B, T] int RoPE positions; default counts real tokens (padding-aware, as
         HF generate), continuing from `cache.next_position` when decoding.
-      cache: KVCache; required iff `decode`.
+      cache: KVCache; required iff `decode`. The caller sizes it (`init_cache`) so that
+        `cache.end + T <= max_length`; `generate` does.
       decode: append the chunk to `cache` (prefill or step) and return the updated cache.
 
     Returns:
