@@ -88,7 +88,9 @@ def test_inputs_embeds_prefill(setup, greedy):
   """The multimodal path: prefill from embeddings, continue from token ids."""
   embeds = setup["model"].apply(setup["variables"], jnp.asarray(setup["left"]),
                                 method=llama.Llama.embed)
-  out = _gen(setup, input_ids=None, inputs_embeds=embeds)
+  out = decoding.generate(setup["model"], setup["variables"]["params"], inputs_embeds=embeds,
+                         attention_mask=setup["left_mask"], max_new_tokens=NEW,
+                         eos_id=setup["eos"], pad_id=PAD, return_hidden_states=True)  # bare tree
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
 
 

@@ -124,7 +124,7 @@ def generate(model: llama.Llama, params: Any, *, input_ids: Array | None = None,
   Args:
     model: a `Llama` (or any module with its `__call__(..., cache, decode)` contract and
       `.config` = model.llm).
-    params: `{"params": ...}` variables for `model.apply`.
+    params: the Llama params tree, or `{"params": tree}` variables for `model.apply`.
     input_ids: [B, L] int prompt, or None when `inputs_embeds` [B, L, D] is given.
     attention_mask: [B, L] bool, False at padding (left or right).
     max_new_tokens: N, generated tokens per row (static).
@@ -153,7 +153,8 @@ def generate(model: llama.Llama, params: Any, *, input_ids: Array | None = None,
   if temperature > 0 and rng is None:
     raise ValueError("generate: temperature > 0 needs an rng key")
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(_ById(model), params, input_ids, inputs_embeds, attention_mask, rng,
+  variables = params if "params" in params else {"params": params}
+  return _generate(_ById(model), variables, input_ids, inputs_embeds, attention_mask, rng,
                    jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                    max_new_tokens=max_new_tokens, eos_id=int(eos_id), pad_id=int(pad_id),
                    sample=temperature > 0, return_hidden_states=return_hidden_states)
