@@ -145,16 +145,20 @@ def format_summary(flat: Mapping[str, float]) -> str:
 # ----------------------------------------------------------------------------------------------
 # CLI.
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer/, "
-                               "checkpoints/).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest usable one).")
-_SPLIT = flags.DEFINE_string("split", None, "Split of every configured source (default: "
-                             "config.data.eval_split).")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "Cap on examples per run.")
-_OUT = flags.DEFINE_string("out", None, "Write the full per-task/modality/source JSON here.")
-_SEMANTIC = flags.DEFINE_bool("semantic", True, "Score SS / S-IoU for referring "
-                              "classification (loads all-MiniLM-L6-v2 from its PyPI package).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
+def _define_flags() -> None:
+  """CLI flags, defined only when run as a program: the module is also a library
+  imported by train.py, whose own flags would collide."""
+  global _WORKDIR, _STEP, _SPLIT, _MAX_EXAMPLES, _OUT, _SEMANTIC, _DATA_DIR
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer/, "
+                                 "checkpoints/).")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest usable one).")
+  _SPLIT = flags.DEFINE_string("split", None, "Split of every configured source (default: "
+                               "config.data.eval_split).")
+  _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "Cap on examples per run.")
+  _OUT = flags.DEFINE_string("out", None, "Write the full per-task/modality/source JSON here.")
+  _SEMANTIC = flags.DEFINE_bool("semantic", True, "Score SS / S-IoU for referring "
+                                "classification (loads all-MiniLM-L6-v2 from its PyPI package).")
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
 
 
 def run(argv) -> int:
@@ -194,4 +198,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -316,24 +316,28 @@ def _write_atomic(path: pathlib.Path, write) -> None:
 # ----------------------------------------------------------------------------------------------
 # CLI.
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer/, "
-                               "checkpoints/).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest usable one).")
-_IMAGE = flags.DEFINE_string("image", None, "Image file (PNG/JPEG/TIFF, 8/16-bit, 1..N bands).")
-_MODALITY = flags.DEFINE_enum("modality", "optical", list(template.MODALITIES), "Sensor.")
-_TEXT = flags.DEFINE_string("text", None, "Instruction; <vp1>, <vp2>... name the prompts.")
-_POINTS = flags.DEFINE_multi_string("point", [], "x,y in original pixels (repeatable).")
-_BOXES = flags.DEFINE_multi_string("box", [], "x1,y1,x2,y2 in original pixels (repeatable).")
-_SCRIBBLES = flags.DEFINE_multi_string(
-    "scribble", [], "A mask PNG, or a polyline 'x,y;x,y;...' ('...;closed' for a polygon).")
-_OUT = flags.DEFINE_string("out", None, "Write an overlay PNG here.")
-_REQUESTS = flags.DEFINE_string("requests", None, "Batch mode: JSONL of requests "
-                                "{image, modality, text, points, boxes, scribbles}.")
-_RESULTS = flags.DEFINE_string("results", None, "Batch mode: JSONL results written here.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Answer length limit.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+def _define_flags() -> None:
+  """CLI flags, defined only when run as a program: the module is also a library
+  imported by train.py, whose own flags would collide."""
+  global _WORKDIR, _STEP, _IMAGE, _MODALITY, _TEXT, _POINTS, _BOXES, _SCRIBBLES, _OUT, _REQUESTS, _RESULTS, _MAX_NEW, _TEMPERATURE, _TOP_P, _SEED
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer/, "
+                                 "checkpoints/).")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest usable one).")
+  _IMAGE = flags.DEFINE_string("image", None, "Image file (PNG/JPEG/TIFF, 8/16-bit, 1..N bands).")
+  _MODALITY = flags.DEFINE_enum("modality", "optical", list(template.MODALITIES), "Sensor.")
+  _TEXT = flags.DEFINE_string("text", None, "Instruction; <vp1>, <vp2>... name the prompts.")
+  _POINTS = flags.DEFINE_multi_string("point", [], "x,y in original pixels (repeatable).")
+  _BOXES = flags.DEFINE_multi_string("box", [], "x1,y1,x2,y2 in original pixels (repeatable).")
+  _SCRIBBLES = flags.DEFINE_multi_string(
+      "scribble", [], "A mask PNG, or a polyline 'x,y;x,y;...' ('...;closed' for a polygon).")
+  _OUT = flags.DEFINE_string("out", None, "Write an overlay PNG here.")
+  _REQUESTS = flags.DEFINE_string("requests", None, "Batch mode: JSONL of requests "
+                                  "{image, modality, text, points, boxes, scribbles}.")
+  _RESULTS = flags.DEFINE_string("results", None, "Batch mode: JSONL results written here.")
+  _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Answer length limit.")
+  _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
+  _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def _prompts_from(points, boxes, scribbles):
@@ -407,4 +411,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -40,8 +40,8 @@ def weight_decay_mask(params):
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
-  total = max(int(train_cfg.steps), 1)
-  warmup = min(int(train_cfg.warmup_steps), total)
+  total = max(int(train_cfg.steps), 2)
+  warmup = min(int(train_cfg.warmup_steps), total - 1)  # short runs keep one decay step
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=float(train_cfg.learning_rate), warmup_steps=warmup,
       decay_steps=total, end_value=float(train_cfg.learning_rate) * train_cfg.get(

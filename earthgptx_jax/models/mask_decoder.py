@@ -110,7 +110,7 @@ class FeedForward(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.relu(dense(self.hidden_dim, ("vit_embed", "vit_mlp"), name="proj_in", **kw)(x))
     for i in range(self.num_layers - 2):
-      x = nn.relu(dense(self.hidden_dim, ("vit_mlp", "vit_mlp"), name=f"layers_{i}", **kw)(x))
+      x = nn.relu(dense(self.hidden_dim, ("vit_mlp", None), name=f"layers_{i}", **kw)(x))
     return dense(self.output_dim, ("vit_mlp", "vit_embed"), name="proj_out", **kw)(x)
 
 
