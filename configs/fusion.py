@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   llm.remat_policy = "nothing_saveable"  # a zero-argument jax.checkpoint_policies name
   llm.scan_layers = not is_tiny
   llm.initializer_range = 0.02  # std of the normal init (HF LlamaConfig.initializer_range)
-  llm.attention_impl = "xla"  # xla | cudnn | auto (see issue 9)
+  llm.attention_impl = "xla"  # xla | cudnn | pallas | auto (models/attention.py)
   llm.pretrained_path = placeholder(str)  # local HF LlamaForCausalLM folder
   llm.tokenizer_path = placeholder(str)  # local HF tokenizer folder; None -> project tokenizer for tiny
 

@@ -227,7 +227,7 @@ def test_attention_auto_resolution_and_errors():
                                                                          else "xla")
   assert attention.resolve_implementation("auto", jnp.bfloat16, 12) == "xla"
   with pytest.raises(ValueError, match="attention_impl"):
-    attention.resolve_implementation("pallas", jnp.float32, 64)
+    attention.resolve_implementation("flash", jnp.float32, 64)
   with pytest.raises(ValueError, match="multiple"):
     attention.dot_product_attention(jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 2, 4)),
                                     jnp.zeros((1, 2, 2, 4)))

@@ -183,7 +183,8 @@ class Attention(nn.Module):
   def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
                cache_kv: tuple[Array, Array] | None, end: Array | None
                ) -> tuple[Array, tuple[Array, Array] | None]:
-    """x: [B, T, D]; mask: [B, 1, T, S]; cache_kv: ([B, S, K, H], [B, S, K, H]) or None.
+    """x: [B, T, D]; cache_kv: ([B, S, K, H], [B, S, K, H]) or None; mask: [B, 1, T, S] with a
+    cache, else key padding [B, 1, 1, T] (causality is the kernel's `is_causal` flag).
 
     Returns the output [B, T, D] and the chunk's new (k, v) [B, T, K, H] (None without cache).
     """
@@ -209,8 +210,11 @@ class Attention(nn.Module):
                                           (zero, end, zero, zero)).astype(q.dtype)
       values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype),
                                             (zero, end, zero, zero)).astype(q.dtype)
+    impl = cfg.attention_impl
+    if cache_kv is not None and impl == "pallas":
+      impl = "xla"  # the flash kernel covers whole sequences (T == S), not reads of a cache
     out = attention.dot_product_attention(q, keys, values, mask=mask,
-                                          implementation=cfg.attention_impl)
+                                          is_causal=cache_kv is None, implementation=impl)
     out = Projection((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, in_axes=2,
                      name="o_proj")(out)
     return out, new_kv
@@ -339,8 +343,7 @@ class Llama(nn.Module):
       cache_k, cache_v = cache.k, cache.v
     else:
       end, valid, cache_k, cache_v = None, attention_mask, None, None
-      causal = jnp.tril(jnp.ones((length, length), bool))
-      mask = causal[None, None] & attention_mask[:, None, None, :]  # [B, 1, T, T]
+      mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]; causal: `is_causal` in Attention
 
     if cfg.scan_layers:
       x, new_kv = self.layers(x, cos, sin, mask, end, cache_k, cache_v)
