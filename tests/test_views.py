@@ -25,7 +25,8 @@ def _bbox(mask):
                                                     (97, 61, 2), (64, 2000, 3)])
 def test_box_lands_on_same_pixels_in_every_view(height, width, max_tiles):
   size = 64
-  box = (width // 5, height // 4, width // 5 + max(width // 3, 12), height // 4 + max(height // 3, 12))
+  box = (width // 5, height // 4,
+         width // 5 + max(width // 3, 12), height // 4 + max(height // 3, 12))
   image = _box_image(height, width, box)
   views = views_lib.make_views(image, size, max_tiles)
   assert views.pixels.shape == (1 + max_tiles, size, size, 3)

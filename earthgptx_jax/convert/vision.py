@@ -77,8 +77,10 @@ def convnext_rules(config: Mapping, layout: str = "timm") -> list[Rule]:
       rules += _conv(names["down_conv"].format(i=i), f"stages_{i}_downsample_conv")
     for j in range(depth):
       t, f = names["block"].format(i=i, j=j), f"stages_{i}_blocks_{j}"
-      rules += _conv(f"{t}.{names['dw']}", f"{f}/conv_dw") + _norm(f"{t}.{names['norm']}", f"{f}/norm")
-      rules += _linear(f"{t}.{names['fc1']}", f"{f}/fc1") + _linear(f"{t}.{names['fc2']}", f"{f}/fc2")
+      rules += _conv(f"{t}.{names['dw']}", f"{f}/conv_dw")
+      rules += _norm(f"{t}.{names['norm']}", f"{f}/norm")
+      rules += _linear(f"{t}.{names['fc1']}", f"{f}/fc1")
+      rules += _linear(f"{t}.{names['fc2']}", f"{f}/fc2")
       if c["layer_scale_init"] is not None:
         rules.append(Rule(f"{t}.{names['gamma']}", f"{f}/gamma"))
   return rules + _norm(names["head"], "head_norm")
@@ -196,7 +198,8 @@ def load_convnext(path: str | os.PathLike, base: ml_collections.ConfigDict
     state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
     cfg = convnext_config_from_state(state, base)
     layout = "timm"
-  params = keymap.to_flax(state, convnext_rules(cfg, layout), expected=convnext_expected_params(cfg))
+  params = keymap.to_flax(state, convnext_rules(cfg, layout),
+                          expected=convnext_expected_params(cfg))
   return cfg, params
 
 
@@ -206,7 +209,8 @@ def save_convnext(params: Mapping, config: Mapping, path: str | os.PathLike,
   trunk (keys under `visual.trunk.`, a .safetensors file) or an HF ConvNextModel folder."""
   if layout not in CONVNEXT_LAYOUTS:
     raise ValueError(f"layout: unknown value {layout!r}; expected one of {CONVNEXT_LAYOUTS}")
-  state = keymap.to_torch(_numpy(params), convnext_rules(config, "hf" if layout == "hf" else "timm"))
+  rules = convnext_rules(config, "hf" if layout == "hf" else "timm")
+  state = keymap.to_torch(_numpy(params), rules)
   path = pathlib.Path(path)
   if layout == "hf":
     keymap.save_safetensors(state, path)

@@ -5,8 +5,8 @@ visual trunk is timm's `convnext_large`). This is that trunk: a 4x4 patchify ste
 then four stages, each a (LayerNorm + 2x2 stride-2 conv) downsampling (stages 1..3) followed by
 blocks of depthwise 7x7 conv -> LayerNorm -> Linear(4C) -> GELU(exact) -> Linear(C) -> layer
 scale -> residual. It returns every stage's feature map and the trunk's pooled, normalised
-feature (timm `head.norm`); classifier and CLIP projection heads are not part of the encoder. Numerically checked against timm / open_clip / HF ConvNext
-by tests/test_convnext.py; weights convert with `earthgptx_jax.convert.vision`.
+feature (timm `head.norm`); classifier and CLIP projection heads are not part of the encoder.
+Numerically checked against timm / open_clip / HF ConvNext by tests/test_convnext.py; weights convert with `earthgptx_jax.convert.vision`.
 
 Config: `get_config(...).model.vision.convnext` (configs/fusion.py).
 """
