@@ -1,7 +1,7 @@
 """EarthGPT-X one-stage fusion training config.
 
-Usage: `--config=configs/fusion.py:PRESET`, PRESET in {paper, paper13b, tiny}; `paper` is the
-default. Every size used by a module lives here; modules hold no size literals.
+Usage: `--config=configs/fusion.py:PRESET`, PRESET in {paper, paper13b, gpu1b, tiny}; `paper` is
+the default. Every size used by a module lives here; modules hold no size literals.
 """
 
 import ml_collections
@@ -20,7 +20,27 @@ def _llm(preset):
   if preset == "tiny":
     return dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=2,
                 num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
-  raise ValueError(f"config preset: unknown value {preset!r}; expected paper, paper13b or tiny")
+  if preset == "gpu1b":  # ~0.85B LLaMA (TinyLlama-like, 16 layers): one-GPU MFU benchmark
+    return dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=16,
+                num_heads=32, num_kv_heads=8, head_dim=64, max_position_embeddings=4096)
+  raise ValueError(f"config preset: unknown value {preset!r}; expected paper, paper13b, gpu1b "
+                   f"or tiny")
+
+
+def _gpu1b(config: ConfigDict) -> None:
+  """The gpu1b preset (benchmarks/gpu_step.py): the paper's layout with encoders scaled down to
+  ConvNeXt-B, DINOv2 ViT-B/14 and SAM ViT-B (~1.1B parameters in all), bf16 compute, remat.
+  Trains everything (no frozen groups) so the step's FLOPs are the full model's."""
+  vision = config.model.vision
+  vision.convnext.dims = (128, 256, 512, 1024)
+  vision.dino.update(hidden_size=768, num_layers=12, num_heads=12)
+  config.model.prompt.embed_dim = 768
+  config.model.prompt.fusion_heads = 12
+  config.model.prompt.fusion_mlp_dim = 3072
+  config.model.pixel.sam_vit.update(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
+                                    global_attn_indexes=(2, 5, 8, 11))
+  config.train.batch_size = 8
+  config.train.frozen_patterns = ()
 
 
 def _pixel(pixel: ConfigDict, is_tiny: bool) -> None:
@@ -202,6 +222,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   train.grad_accum_steps = 1
   train.eval_every_steps = 0 if is_tiny else 2000  # 0: evaluate only at the end
   train.eval_examples = 96 if is_tiny else 1000
+  # XLA's persistent compilation cache: resumed and repeated runs reuse compiled steps.
+  train.compilation_cache_dir = "~/.cache/earthgptx_jax/jax_cache"
   train.peak_flops = placeholder(float)  # per-job FLOP/s for MFU; None measures a matmul peak at start
   # Regexes over '/'-joined paths of {"params": model params, "lora": adapters}. The paper
   # trains the new modules and the LLM (attention; embeddings for the new tokens) with the
@@ -233,4 +255,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.distributed.num_processes = placeholder(int)
   config.distributed.process_id = placeholder(int)
   config.distributed.local_device_ids = placeholder(tuple)
+  if preset == "gpu1b":
+    _gpu1b(config)
   return config

@@ -10,6 +10,7 @@ gs://). SIGTERM (TPU maintenance / preemption) saves a checkpoint and exits 0.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -253,6 +254,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
+  if not flags.FLAGS["verbosity"].present:  # Orbax/grain INFO lines drown the progress line
+    logging.set_verbosity(logging.WARNING)
+  cache_dir = _CONFIG.value.train.get("compilation_cache_dir", None)
+  if cache_dir:  # a resumed or repeated run skips recompiling (minutes on small CPUs)
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
