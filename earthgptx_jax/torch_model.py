@@ -1,0 +1,420 @@
+"""EarthGPT-X in PyTorch: the exported model, assembled from standard parts (imports no jax).
+
+`EarthGPTXTorch.from_pretrained(folder)` loads what `earthgptx_jax.export_torch` writes:
+
+    folder/
+      config.json                 the run's config (all sizes, token ids, mean / std)
+      llm/                        transformers LlamaForCausalLM          <- models/llama.py Llama
+      dino/                       transformers Dinov2Model               <- models/vit.py ViT (vision.dino)
+      convnext/                   timm ConvNeXt trunk (timm / open_clip  <- models/convnext.py ConvNeXt
+                                  `trunk.` keys without the prefix) + config.json (timm kwargs)
+      prompt_sae/                 transformers Dinov2Model, 1 channel    <- models/vit.py ViT (prompt.sae)
+      sam/                        transformers SamModel layout: vision_encoder (image_encoder='sam'),
+                                  prompt_encoder, mask_decoder, shared_image_embedding
+                                                                         <- models/sam_vit.py, mask_decoder.py
+      earthgptx.safetensors       the project's own modules, ported below
+      tokenizer/                  the run's tokenizer
+
+Ports of the project's own modules (same parameter names as the Flax modules, torch layouts):
+  * `PromptEncoder`      <- models/prompts.py VisualPromptEncoder (its SAE is the Dinov2Model of
+                            prompt_sae/, which is the Flax ViT exactly; Fourier features with the
+                            config's fixed Gaussian stored as a buffer)
+  * `ContentIntegration` <- models/fusion.py ContentIntegration (+ Projector)
+  * `PixelDecoder`       <- models/pixel.py PixelDecoder (the [SEG] MLP, the optional dense-map
+                            projection, HF SAM parts for the rest)
+  * `mixed_features`     <- models/vision.py MixedVisionEncoder (normalise, resample, concat)
+  * `splice_tokens`, `gather_seg_states` <- models/earthgptx.py / pixel.py, same static-shape math.
+
+`EarthGPTXTorch.forward(batch)` takes batch.py's fields as torch tensors (channels-last images as
+in the contract) and returns (logits [B, L, V], mask_logits [B, Q, S, S], iou [B, Q]) with the
+semantics of `EarthGPTX.__call__` (tests/test_export_torch.py checks fp32 parity).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+import ml_collections
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEW_MODULES_FILE = "earthgptx.safetensors"
+CONVNEXT_DIR, DINO_DIR, LLM_DIR, SAE_DIR, SAM_DIR = "convnext", "dino", "llm", "prompt_sae", "sam"
+NUM_PROMPT_TYPES = 3  # batch.py's prompt_type: 0 point, 1 box, 2 free-form
+# Keys of earthgptx.safetensors that are constants of the config, not trained weights.
+FOURIER_KEY = "prompt_encoder.fourier_gaussian"
+
+
+def _large_negative(dtype: torch.dtype) -> float:
+  """jax.nn.dot_product_attention's mask value: a fully masked row averages, never NaNs."""
+  return -0.7 * torch.finfo(dtype).max
+
+
+def masked_attention(q, k, v, key_valid=None):
+  """q [B, T, N, H], k / v [B, S, N, H], key_valid [B, S] bool -> [B, T, N, H] (fp32 softmax)."""
+  logits = torch.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(q.shape[-1])
+  if key_valid is not None:
+    logits = logits.masked_fill(~key_valid[:, None, None, :], _large_negative(logits.dtype))
+  weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+  return torch.einsum("bnts,bsnh->btnh", weights, v)
+
+
+class Attention(nn.Module):
+  """fusion.Attention: queries x [B, T, D] over context [B, S, D'] -> [B, T, D]."""
+
+  def __init__(self, width: int, context_width: int, num_heads: int):
+    super().__init__()
+    if width % num_heads:
+      raise ValueError(f"attention: width {width} is not a multiple of num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.query = nn.Linear(width, width)
+    self.key = nn.Linear(context_width, width)
+    self.value = nn.Linear(context_width, width)
+    self.out = nn.Linear(width, width)
+
+  def forward(self, x, context, key_valid=None):
+    split = lambda y: y.reshape(*y.shape[:2], self.num_heads, -1)  # noqa: E731
+    out = masked_attention(split(self.query(x)), split(self.key(context)),
+                           split(self.value(context)), key_valid)
+    return self.out(out.reshape(*out.shape[:2], -1))
+
+
+class FeedForward(nn.Module):
+  """fusion.FeedForward / Projector: Linear -> exact GELU -> Linear."""
+
+  def __init__(self, width: int, hidden: int, out: int | None = None):
+    super().__init__()
+    self.fc1 = nn.Linear(width, hidden)
+    self.fc2 = nn.Linear(hidden, width if out is None else out)
+
+  def forward(self, x):
+    return self.fc2(F.gelu(self.fc1(x)))
+
+
+def fourier_features(coords, gaussian):
+  """SAM's random-Fourier encoding: coords [..., 2] in [0, 1] -> [..., 2F]."""
+  projected = 2 * math.pi * ((2 * coords.float() - 1) @ gaussian)
+  return torch.cat([torch.sin(projected), torch.cos(projected)], dim=-1)
+
+
+class PromptEncoder(nn.Module):
+  """prompts.VisualPromptEncoder: (maps [B, P, M, M], geometry [B, P, 4], type [B, P],
+  valid [B, P]) -> [B, P, K, D], zeros for absent prompts. `sae` is a 1-channel Dinov2Model."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, sae: nn.Module):
+    super().__init__()
+    w, eps = cfg.sae.hidden_size, cfg.layer_norm_eps
+    self.cfg = cfg
+    self.sae = sae
+    self.register_buffer("fourier_gaussian", torch.zeros(2, cfg.fourier_features))
+    self.geometry_proj = nn.Linear(2 * cfg.fourier_features, w)
+    self.corner_embed = nn.Parameter(torch.zeros(NUM_PROMPT_TYPES, 2, w))
+    self.queries = nn.Parameter(torch.zeros(cfg.tokens_per_prompt, w))
+    self.type_embed = nn.Parameter(torch.zeros(NUM_PROMPT_TYPES, w))
+    self.context_norm = nn.LayerNorm(w, eps=eps)
+    self.query_norm = nn.LayerNorm(w, eps=eps)
+    self.pool = Attention(w, w, cfg.pool_heads)
+    self.pool_ffn_norm = nn.LayerNorm(w, eps=eps)
+    self.pool_ffn = FeedForward(w, cfg.pool_mlp_dim)
+    self.out_norm = nn.LayerNorm(w, eps=eps)
+    self.out = nn.Linear(w, cfg.embed_dim)
+
+  def forward(self, maps, geometry, types, valid):
+    b, p, m, _ = maps.shape
+    valid = valid.bool()
+    maps = torch.where(valid[..., None, None], maps, 0).to(self.queries.dtype)
+    geometry = torch.where(valid[..., None], geometry, 0)
+    types = types.long().clamp(0, NUM_PROMPT_TYPES - 1).reshape(b * p)
+    map_tokens = self.sae(maps.reshape(b * p, 1, m, m)).last_hidden_state  # [B*P, 1 + N, Ds]
+    geo = fourier_features(geometry.reshape(b * p, 2, 2), self.fourier_gaussian)
+    geo = self.geometry_proj(geo.to(self.queries.dtype)) + self.corner_embed[types]
+    context = torch.cat([map_tokens, geo], dim=1)  # [B*P, T + 2, Ds]
+    x = self.queries[None] + self.type_embed[types][:, None]  # [B*P, K, Ds]
+    x = x + self.pool(self.query_norm(x), self.context_norm(context))
+    x = x + self.pool_ffn(self.pool_ffn_norm(x))
+    x = self.out(self.out_norm(x)).reshape(b, p, self.cfg.tokens_per_prompt, -1)
+    return torch.where(valid[..., None, None], x, 0)
+
+
+class ContentIntegration(nn.Module):
+  """fusion.ContentIntegration: (image [B, N, C_img], image_valid [B, N], prompts [B, P, K, D],
+  prompt_valid [B, P]) -> (image_llm [B, N, H], prompt_llm [B, P, K, H])."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, image_channels: int, llm_width: int):
+    super().__init__()
+    d, eps, heads = cfg.embed_dim, cfg.layer_norm_eps, cfg.fusion_heads
+    self.image_in = nn.Linear(image_channels, d)
+    for name in ("image_norm", "prompt_norm", "cross_query_norm", "cross_context_norm",
+                 "joint_norm", "final_norm"):
+      setattr(self, name, nn.LayerNorm(d, eps=eps))
+    self.image_self_attn = Attention(d, d, heads)
+    self.prompt_ffn = FeedForward(d, cfg.fusion_mlp_dim)
+    self.cross_attn = Attention(d, d, heads)
+    self.joint_self_attn = Attention(d, d, heads)
+    self.projector = FeedForward(d, llm_width, llm_width)
+
+  def forward(self, image, image_valid, prompts, prompt_valid):
+    b, n, _ = image.shape
+    _, p, k, d = prompts.shape
+    image_valid = image_valid.bool()
+    token_valid = prompt_valid.bool().repeat_interleave(k, dim=1)  # [B, P*K]
+    img = self.image_in(torch.where(image_valid[..., None], image, 0))
+    prm = torch.where(token_valid[..., None], prompts.reshape(b, p * k, d), 0)
+    h = self.image_norm(img)
+    img = img + self.image_self_attn(h, h, image_valid)
+    prm = prm + self.prompt_ffn(self.prompt_norm(prm))
+    prm = prm + self.cross_attn(self.cross_query_norm(prm), self.cross_context_norm(img),
+                                image_valid)
+    x = torch.cat([img, prm], dim=1)
+    valid = torch.cat([image_valid, token_valid], dim=1)
+    h = self.joint_norm(x)
+    x = x + self.joint_self_attn(h, h, valid)
+    x = torch.where(valid[..., None], self.projector(self.final_norm(x)), 0)
+    return x[:, :n], x[:, n:].reshape(b, p, k, -1)
+
+
+class SamParts(nn.Module):
+  """The HF SamModel submodules the [SEG] path uses, under SamModel's own key names."""
+
+  def __init__(self, sam_config, with_vision: bool):
+    super().__init__()
+    from transformers.models.sam import modeling_sam
+    sam_config.mask_decoder_config._attn_implementation = "eager"
+    self.shared_image_embedding = modeling_sam.SamPositionalEmbedding(sam_config.vision_config)
+    self.vision_encoder = (modeling_sam.SamVisionEncoder(sam_config.vision_config)
+                           if with_vision else None)
+    self.prompt_encoder = modeling_sam.SamPromptEncoder(sam_config)
+    self.prompt_encoder.shared_embedding = self.shared_image_embedding  # tied, as in SamModel
+    self.mask_decoder = modeling_sam.SamMaskDecoder(sam_config.mask_decoder_config)
+
+  def image_positional_embedding(self, h: int, w: int):
+    """Fourier encoding of the h x w grid's cell centres: [1, C, h, w]."""
+    dtype = self.shared_image_embedding.positional_embedding.dtype
+    y = (torch.arange(h, dtype=dtype) + 0.5) / h
+    x = (torch.arange(w, dtype=dtype) + 0.5) / w
+    grid = torch.stack(torch.broadcast_tensors(x[None, :], y[:, None]), dim=-1)
+    return self.shared_image_embedding(grid).permute(2, 0, 1)[None]
+
+
+def _resize(x, size: int, antialias: bool):
+  """NCHW bilinear resize, half-pixel centres (jax.image.resize 'linear')."""
+  if x.shape[-2:] == (size, size):
+    return x
+  return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                       antialias=antialias)
+
+
+class PixelDecoder(nn.Module):
+  """pixel.PixelDecoder: [SEG] states [B, Q, H] + image -> (masks [B, Q, S, S], iou [B, Q])."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, llm_width: int, dense_channels: int,
+               sam_config):
+    super().__init__()
+    c = cfg.decoder.hidden_size
+    self.cfg = cfg
+    if cfg.image_encoder not in ("sam", "mixed"):
+      raise ValueError(f"model.pixel.image_encoder: unknown value {cfg.image_encoder!r}")
+    self.sam = SamParts(sam_config, with_vision=cfg.image_encoder == "sam")
+    self.seg_fc1 = nn.Linear(llm_width, llm_width)
+    self.seg_fc2 = nn.Linear(llm_width, c)
+    if cfg.image_encoder == "mixed":
+      self.dense_proj = nn.Linear(dense_channels, c)
+      self.dense_norm = nn.LayerNorm(c, eps=cfg.decoder.layer_norm_eps)
+
+  def forward(self, seg_states, global_view, dense, out_size: int):
+    """global_view [B, S, S, 3] in [0, 1]; dense [B, h, w, C_d] (the mixed encoders' map)."""
+    cfg = self.cfg
+    if cfg.image_encoder == "sam":
+      mean = torch.tensor(cfg.sam_vit.pixel_mean, dtype=torch.float32)
+      std = torch.tensor(cfg.sam_vit.pixel_std, dtype=torch.float32)
+      x = ((global_view.float() - mean) / std).permute(0, 3, 1, 2)
+      x = _resize(x, cfg.sam_vit.image_size, antialias=True)
+      dtype = self.seg_fc1.weight.dtype
+      embeddings = self.sam.vision_encoder(x.to(dtype)).last_hidden_state  # [B, C, h, w]
+    else:
+      embeddings = self.dense_norm(self.dense_proj(dense)).permute(0, 3, 1, 2)
+    b, _, h, w = embeddings.shape
+    q = seg_states.shape[1]
+    sparse = self.seg_fc2(torch.relu(self.seg_fc1(seg_states)))[:, :, None]  # [B, Q, 1, C]
+    dense_prompt = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+        b, -1, h, w)
+    image_pe = self.sam.image_positional_embedding(h, w).expand(b, -1, -1, -1)
+    masks, iou = self.sam.mask_decoder(embeddings, image_pe, sparse, dense_prompt,
+                                       multimask_output=False)
+    masks = _resize(masks[:, :, 0].float(), out_size, antialias=False)
+    return masks.reshape(b, q, out_size, out_size), iou[:, :, 0].float()
+
+
+def splice_tokens(text_embeds, input_ids, vp_token_index, image_embeds, prompt_embeds,
+                  image_patch_id: int):
+  """earthgptx.splice_tokens: image / prompt tokens at their placeholders; [B, L, H]."""
+  b, n, h = image_embeds.shape
+  is_image = input_ids == image_patch_id
+  slot = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, n - 1)
+  image_at = torch.gather(image_embeds, 1, slot[..., None].expand(-1, -1, h))
+  flat = prompt_embeds.reshape(b, -1, h)
+  index = vp_token_index.long().clamp(0, flat.shape[1] - 1)
+  prompt_at = torch.gather(flat, 1, index[..., None].expand(-1, -1, h))
+  x = torch.where(is_image[..., None], image_at.to(text_embeds.dtype), text_embeds)
+  return torch.where((vp_token_index >= 0)[..., None], prompt_at.to(text_embeds.dtype), x)
+
+
+def gather_seg_states(hidden, ids, seg_token_id: int, max_seg: int):
+  """pixel.gather_seg_states: states at the first Q [SEG] positions -> ([B, Q, H], [B, Q])."""
+  is_seg = ids == seg_token_id
+  slot = torch.where(is_seg, torch.cumsum(is_seg.long(), dim=1) - 1, max_seg)
+  onehot = F.one_hot(slot.clamp(0, max_seg), max_seg + 1)[..., :max_seg]  # [B, L, Q]
+  positions = torch.einsum("blq,l->bq", onehot, torch.arange(ids.shape[1]))
+  valid = onehot.sum(dim=1) > 0
+  states = torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+  return torch.where(valid[..., None], states, 0), valid
+
+
+def _normalise(x, mean, std):
+  """[N, S, S, 3] in [0, 1] -> NCHW normalised with the encoder's pretraining mean / std."""
+  mean, std = torch.tensor(mean, dtype=x.dtype), torch.tensor(std, dtype=x.dtype)
+  return ((x - mean) / std).permute(0, 3, 1, 2)
+
+
+def convnext_kwargs(cfg) -> dict:
+  """`model.vision.convnext` -> kwargs of `timm.models.convnext.ConvNeXt` (the trunk)."""
+  if cfg.mlp_ratio != 4:
+    raise ValueError(f"model.vision.convnext.mlp_ratio={cfg.mlp_ratio}: timm's ConvNeXt fixes 4")
+  return dict(in_chans=cfg.in_channels, num_classes=0, depths=tuple(cfg.depths),
+              dims=tuple(cfg.dims), kernel_sizes=cfg.kernel_size, patch_size=cfg.patch_size,
+              ls_init_value=cfg.layer_scale_init, norm_eps=cfg.layer_norm_eps, conv_mlp=False)
+
+
+class EarthGPTXTorch(nn.Module):
+  """models/earthgptx.py EarthGPTX in PyTorch; build with `from_pretrained(folder)`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, convnext: nn.Module,
+               dino: nn.Module, sae: nn.Module, llm: nn.Module, sam_config):
+    super().__init__()
+    m = self.model_config = config.model
+    self.config = config
+    self.convnext = convnext  # timm ConvNeXt            <- vision.convnext
+    self.dino = dino  # transformers Dinov2Model          <- vision.dino
+    self.prompt_encoder = PromptEncoder(m.prompt, sae)  # <- prompt_encoder
+    image_channels = m.vision.convnext.dims[m.vision.convnext_stage] + m.vision.dino.hidden_size
+    self.integration = ContentIntegration(m.prompt, image_channels, m.llm.hidden_size)
+    self.llm = llm  # transformers LlamaForCausalLM       <- llm
+    self.pixel = PixelDecoder(m.pixel, m.llm.hidden_size, _dense_channels(m.vision), sam_config)
+
+  @classmethod
+  def from_pretrained(cls, folder: str | os.PathLike) -> EarthGPTXTorch:
+    """Loads an `export_torch` folder (see the module docstring); float32, eval mode."""
+    import timm.models.convnext
+    import transformers
+    from safetensors.torch import load_file
+    folder = pathlib.Path(folder)
+    missing = [p for p in ("config.json", NEW_MODULES_FILE, LLM_DIR, DINO_DIR, CONVNEXT_DIR,
+                           SAE_DIR, SAM_DIR) if not (folder / p).exists()]
+    if missing:
+      raise FileNotFoundError(f"{folder}: not an EarthGPTXTorch folder, missing {missing}")
+    config = ml_collections.ConfigDict(json.loads((folder / "config.json").read_text()))
+    m = config.model
+    convnext = timm.models.convnext.ConvNeXt(**convnext_kwargs(m.vision.convnext))
+    convnext.load_state_dict(load_file(str(folder / CONVNEXT_DIR / "model.safetensors")))
+    load = dict(dtype=torch.float32, attn_implementation="eager")
+    dino = transformers.Dinov2Model.from_pretrained(folder / DINO_DIR, **load)
+    sae = transformers.Dinov2Model.from_pretrained(folder / SAE_DIR, **load)
+    llm = transformers.LlamaForCausalLM.from_pretrained(folder / LLM_DIR, **load)
+    sam_config = transformers.SamConfig.from_pretrained(folder / SAM_DIR)
+    model = cls(config, convnext=convnext, dino=dino, sae=sae, llm=llm, sam_config=sam_config)
+    sam_state = load_file(str(folder / SAM_DIR / "model.safetensors"))
+    result = model.pixel.sam.load_state_dict(sam_state, strict=False)
+    tied = {"prompt_encoder.shared_embedding.positional_embedding"}
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+      raise ValueError(f"{folder / SAM_DIR}: SAM weights do not fit: missing "
+                       f"{sorted(set(result.missing_keys) - tied)[:5]}, unexpected "
+                       f"{result.unexpected_keys[:5]}")
+    own = load_file(str(folder / NEW_MODULES_FILE))
+    expected = set(model.own_state_keys())
+    if set(own) != expected:
+      raise ValueError(f"{folder / NEW_MODULES_FILE}: keys differ from the model's: missing "
+                       f"{sorted(expected - set(own))[:5]}, unexpected "
+                       f"{sorted(set(own) - expected)[:5]}")
+    model.load_state_dict(own, strict=False)
+    return model.float().eval()
+
+  def own_state_keys(self) -> list[str]:
+    """State-dict keys of the ported modules (earthgptx.safetensors): all but standard parts."""
+    standard = ("convnext.", "dino.", "llm.", "prompt_encoder.sae.", "pixel.sam.")
+    return [k for k in self.state_dict() if not k.startswith(standard)]
+
+  def encode_visual(self, batch):
+    """-> image tokens [B, N, H], prompt tokens [B, P, K, H], dense map [B, h, w, C_d]."""
+    v_cfg = self.model_config.vision
+    pv = batch["pixel_values"].float()
+    b, v, s = pv.shape[:3]
+    x = pv.reshape(b * v, s, s, 3)
+    g = v_cfg.token_grid
+    conv = _normalise(x, v_cfg.convnext.image_mean, v_cfg.convnext.image_std)
+    stages = []
+    y = self.convnext.stem(conv)
+    for stage in self.convnext.stages:
+      y = stage(y)
+      stages.append(y)  # NCHW
+    dino_in = _normalise(x, v_cfg.dino.image_mean, v_cfg.dino.image_std)
+    out = self.dino(dino_in, output_hidden_states=v_cfg.dino_layer is not None)
+    tokens = (out.last_hidden_state if v_cfg.dino_layer is None
+              else out.hidden_states[v_cfg.dino_layer])
+    first = 1 + v_cfg.dino.num_register_tokens
+    grid = s // v_cfg.dino.patch_size
+    dino_map = tokens[:, first:].reshape(b * v, grid, grid, -1).permute(0, 3, 1, 2)
+    conv_map = stages[v_cfg.convnext_stage]
+    mixed = torch.cat([_resize(conv_map, g, True), _resize(dino_map, g, True)], dim=1)
+    mixed = mixed.permute(0, 2, 3, 1)  # [B*V, G, G, C_mix]
+    image_tokens = mixed.reshape(b, v * g * g, -1)
+    dense = {"convnext": lambda: stages[v_cfg.dense_stage].permute(0, 2, 3, 1),
+             "dino": lambda: dino_map.permute(0, 2, 3, 1), "mixed": lambda: mixed}
+    dense = dense[v_cfg.dense_source]()
+    dense = dense.reshape(b, v, *dense.shape[1:])[:, 0]
+    image_valid = batch["view_valid"].bool().repeat_interleave(g * g, dim=1)
+    prompts = self.prompt_encoder(batch["prompt_maps"].float(), batch["prompt_geometry"].float(),
+                                  batch["prompt_type"], batch["prompt_valid"])
+    image_llm, prompt_llm = self.integration(image_tokens, image_valid, prompts,
+                                             batch["prompt_valid"])
+    return image_llm, prompt_llm, dense
+
+  def forward(self, batch: dict[str, torch.Tensor]):
+    """batch.py fields -> (logits [B, L, V], mask_logits [B, Q, S, S], iou [B, Q])."""
+    m = self.model_config
+    ids = batch["input_ids"].long()
+    image_llm, prompt_llm, dense = self.encode_visual(batch)
+    embeds = splice_tokens(self.llm.get_input_embeddings()(ids), ids,
+                           batch["vp_token_index"].long(), image_llm, prompt_llm,
+                           _token_id(m, "image_patch"))
+    mask = batch["attention_mask"].bool()
+    positions = (torch.cumsum(mask.long(), dim=1) - 1).clamp(min=0)  # counts real tokens
+    hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask.long(),
+                            position_ids=positions).last_hidden_state  # after the final norm
+    logits = self.llm.lm_head(hidden).float()
+    states, _ = gather_seg_states(hidden, batch["targets"].long(), _token_id(m, "seg"),
+                                  m.pixel.max_seg)
+    masks, iou = self.pixel(states, batch["pixel_values"][:, 0], dense,
+                            batch["pixel_values"].shape[2])
+    return logits, masks, iou
+
+
+def _token_id(model_config, name: str) -> int:
+  value = model_config.token_ids.get(name, None)
+  if value is None or value < 0:
+    raise ValueError(f"config.json: model.token_ids.{name} is unset ({value!r})")
+  return int(value)
+
+
+def _dense_channels(vision) -> int:
+  """C_d of the dense map (vision.dense_shape without jax)."""
+  if vision.dense_source == "convnext":
+    return vision.convnext.dims[vision.dense_stage]
+  if vision.dense_source == "dino":
+    return vision.dino.hidden_size
+  if vision.dense_source == "mixed":
+    return vision.convnext.dims[vision.convnext_stage] + vision.dino.hidden_size
+  raise ValueError(f"model.vision.dense_source: unknown value {vision.dense_source!r}")

@@ -1,0 +1,221 @@
+"""Export to PyTorch: EarthGPTXTorch parity with EarthGPTX, reverse import, LoRA merge, bad input.
+
+One tiny random model (params of the real module's shapes, filled from numpy so that no init
+is compiled) is exported once; the JAX reference outputs are computed once and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from earthgptx_jax import export_torch as et
+from earthgptx_jax import lora, torch_model
+from earthgptx_jax.convert import keymap
+from model_fixtures import tiny_config
+
+RTOL = 1e-5
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _random_params(config, seed: int = 0) -> dict:
+  """Params of every EarthGPTX leaf, random (norm scales and layer scales around 1)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, spec):
+    name = jax.tree_util.keystr(path)
+    if any(n in name for n in ("'scale'", "'weight'", "layer_scale")):
+      return (1 + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
+    return (0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, et.expected_params(config))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """(config, params, folder, verification figures, JAX reference outputs, batch)."""
+  config = tiny_config()
+  params = _random_params(config)
+  folder = tmp_path_factory.mktemp("export") / "model"
+  batch = et.verification_batch(config, 2, seed=0)
+  reference = et.jax_outputs(config, params, batch)
+  figures = et.parity(reference, _export_without_verify(config, params, folder, batch))
+  return config, params, folder, figures, reference, batch
+
+
+def _export_without_verify(config, params, folder, batch):
+  et.write_folder(config, params, folder, tokenizer_dir=None)
+  return et.torch_outputs(folder, batch)
+
+
+def test_torch_model_matches_jax(exported):
+  _, _, _, figures, reference, batch = exported
+  print("parity", figures)
+  assert figures["logits"] <= RTOL and figures["mask_logits"] <= RTOL and figures["iou"] <= RTOL
+  # The batch exercises every path: a padding tile, prompts of each type, a [SEG] per example.
+  assert not batch["view_valid"].all() and set(batch["prompt_type"][batch["prompt_valid"]]) == {0, 1}
+  assert (batch["targets"] == tiny_config().model.token_ids.seg).sum(axis=1).tolist() == [1, 1]
+  assert np.abs(reference["mask_logits"]).max() > 0 and np.isfinite(reference["logits"]).all()
+
+
+def test_parity_detects_a_changed_weight(exported, tmp_path):
+  """A parity check that could not fail would be worthless: perturb one ported weight."""
+  config, params, folder, _, reference, batch = exported
+  import shutil
+  tampered = tmp_path / "tampered"
+  shutil.copytree(folder, tampered)
+  state = keymap.load_safetensors(tampered / torch_model.NEW_MODULES_FILE)
+  state["integration.cross_attn.value.weight"] = state["integration.cross_attn.value.weight"] * 1.01
+  keymap.save_safetensors(state, tampered)
+  (tampered / keymap.SAFETENSORS_SINGLE).replace(tampered / torch_model.NEW_MODULES_FILE)
+  figures = et.parity(reference, et.torch_outputs(tampered, batch))
+  assert figures["logits"] > 10 * RTOL
+
+
+def test_folder_loads_in_the_standard_libraries(exported):
+  import timm.models.convnext
+  import transformers
+  from safetensors.torch import load_file
+  config, _, folder, _, _, _ = exported
+  llm = transformers.LlamaForCausalLM.from_pretrained(folder / "llm")
+  assert llm.config.hidden_size == config.model.llm.hidden_size
+  kwargs = json.loads((folder / "convnext" / "config.json").read_text())["kwargs"]
+  trunk = timm.models.convnext.ConvNeXt(**kwargs)
+  trunk.load_state_dict(load_file(str(folder / "convnext" / "model.safetensors")))  # strict
+  sae = transformers.Dinov2Model.from_pretrained(folder / "prompt_sae")
+  assert sae.config.num_channels == 1
+  sam = transformers.SamModel.from_pretrained(folder / "sam", output_loading_info=True)[1]
+  assert not sam["missing_keys"] and not sam["unexpected_keys"]
+
+
+def test_reverse_import_is_bit_exact(exported, tmp_path):
+  config, params, folder, _, _, _ = exported
+  _, imported = et.read_folder(folder)
+  want, got = keymap.flatten(params), keymap.flatten(imported)
+  assert want.keys() == got.keys()
+  for path in want:
+    assert got[path].dtype == want[path].dtype and np.array_equal(got[path], want[path]), path
+  # ... and on through an Orbax checkpoint in a new workdir.
+  et.import_folder(folder, tmp_path / "run", step=7)
+  cfg, restored, step = et.load_workdir(tmp_path / "run")
+  assert step == 7 and cfg.model.llm.hidden_size == config.model.llm.hidden_size
+  restored = keymap.flatten(restored)
+  assert all(np.array_equal(restored[p], want[p]) for p in want) and restored.keys() == want.keys()
+
+
+def test_lora_is_merged_on_export(tmp_path):
+  config = tiny_config()
+  config.train.lora.rank = 2
+  params = _random_params(config, seed=1)
+  adapters = lora.init(jax.random.key(0), params, config.train.lora)
+  adapters = jax.tree.map(lambda x: np.full(x.shape, 0.05, np.float32), adapters)  # B != 0
+  et.save_workdir(config, {"params": params, "lora": adapters}, tmp_path / "run", step=3)
+  _, merged, step = et.load_workdir(tmp_path / "run")
+  path = "llm/layers_0/self_attn/q_proj/kernel"
+  want = np.asarray(lora.merge(params, adapters, config.train.lora)["llm"]["layers_0"]
+                    ["self_attn"]["q_proj"]["kernel"])
+  assert step == 3 and not np.allclose(want, keymap.flatten(params)[path])
+  np.testing.assert_array_equal(keymap.flatten(merged)[path], want)
+  et.write_folder(config, merged, tmp_path / "out", tokenizer_dir=None)
+  q = keymap.load_safetensors(tmp_path / "out" / "llm")["model.layers.0.self_attn.q_proj.weight"]
+  np.testing.assert_array_equal(q, want.reshape(want.shape[0], -1).T)
+
+
+def test_export_refuses_existing_and_unwritable_outputs(exported, tmp_path):
+  config, params, folder, _, _, _ = exported
+  with pytest.raises(et.ExportError, match="already exists"):
+    et.export(config, params, folder)
+  with pytest.raises(et.ExportError, match="--out: cannot write"):
+    et.export(config, params, "/proc/earthgptx_export/model")
+
+
+def test_failed_parity_leaves_nothing_behind(exported, tmp_path, monkeypatch):
+  config, params, _, _, _, _ = exported
+  monkeypatch.setattr(et, "verify", lambda *a, **k: {"logits": 1.0, "mask_logits": 0.0,
+                                                     "iou": 0.0})
+  with pytest.raises(et.ExportError, match="parity check failed"):
+    et.export(config, params, tmp_path / "model")
+  assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary folder
+
+
+def test_missing_and_corrupt_checkpoints(exported, tmp_path):
+  config, params, _, _, _, _ = exported
+  with pytest.raises(et.ExportError, match="no config.json"):
+    et.load_workdir(tmp_path / "nothing")
+  run = tmp_path / "run"
+  et.save_workdir(config, {"params": params, "lora": {}}, run, step=1)
+  with pytest.raises(et.ExportError, match="no checkpoint 5"):
+    et.load_workdir(run, step=5)
+  for f in (run / "checkpoints" / "1" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  with pytest.raises(et.ExportError, match="could be restored"):
+    et.load_workdir(run)
+
+
+def test_import_rejects_a_folder_with_a_wrong_tensor(exported, tmp_path):
+  import shutil
+  _, _, folder, _, _, _ = exported
+  broken = tmp_path / "broken"
+  shutil.copytree(folder, broken)
+  state = keymap.load_safetensors(broken / "prompt_sae")
+  state["embeddings.cls_token"] = state["embeddings.cls_token"][..., :-1]
+  keymap.save_safetensors(state, broken / "prompt_sae")
+  with pytest.raises(et.ExportError, match="cls_token"):
+    et.read_folder(broken)
+
+
+def test_cli_one_line_error_without_jax_in_torch_model(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "earthgptx_jax.export_torch",
+                         f"--workdir={tmp_path / 'missing'}", f"--out={tmp_path / 'out'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --workdir:")
+  assert not (tmp_path / "out").exists()
+  code = ("import sys, earthgptx_jax.torch_model; "
+          "sys.exit(any(m == 'jax' or m.startswith(('jax.', 'flax')) for m in sys.modules))")
+  assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=300).returncode == 0
+
+
+def test_paper_preset_is_representable():
+  """The paper preset's folder layout: every own-module rule matches a param of the model."""
+  from configs import fusion
+  config = fusion.get_config("paper")
+  shapes = keymap.flatten(et.expected_params(config))
+  rules = et.own_rules(config.model)
+  assert all(r.flax_path in shapes for r in rules)
+  kwargs = torch_model.convnext_kwargs(config.model.vision.convnext)
+  assert kwargs["dims"] == (192, 384, 768, 1536)
+
+
+@pytest.mark.slow
+def test_cli_exports_a_trained_workdir(tmp_path, shared_data):
+  """train.py (2 steps, tiny) -> export CLI -> EarthGPTXTorch loads; import CLI round trips."""
+  del shared_data
+  run = tmp_path / "run"
+  subprocess.run([sys.executable, "-m", "earthgptx_jax.train", "--config=configs/fusion.py:tiny",
+                  f"--workdir={run}", "--config.train.steps=2",
+                  f"--config.data.data_dir={tmp_path / 'data'}"], cwd=REPO, check=True,
+                 timeout=1800)
+  proc = subprocess.run([sys.executable, "-m", "earthgptx_jax.export_torch", f"--workdir={run}",
+                         f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  figures = [line for line in proc.stdout.splitlines() if line.startswith("parity")]
+  assert figures, proc.stdout
+  assert (tmp_path / "out" / "tokenizer").is_dir()
+  proc = subprocess.run([sys.executable, "-m", "earthgptx_jax.export_torch",
+                         f"--import_folder={tmp_path / 'out'}", f"--workdir={tmp_path / 'back'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  _, a, _ = et.load_workdir(run)
+  _, b, _ = et.load_workdir(tmp_path / "back")
+  a, b = keymap.flatten(a), keymap.flatten(b)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
