@@ -94,12 +94,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
   llm.pretrained_path = placeholder(str)  # local HF LlamaForCausalLM folder
   llm.tokenizer_path = placeholder(str)  # local HF tokenizer folder; None -> project tokenizer for tiny
 
-  # Filled by the vision issue (3): mixed CLIP-ConvNeXt + DINOv2 encoders and zoom views.
   # Ids of the template's special tokens; the trainer fills them from the tokenizer
   # (earthgptx_jax/tokenizer.py) and saves them with the run's config.
   model.token_ids = ConfigDict({name: placeholder(int) for name in (
       "bos", "eos", "pad", "image_patch", "vp_patch", "seg")})
 
+  # Mixed CLIP-ConvNeXt + DINOv2 encoders and zoom views (models/vision.py).
   model.vision = ConfigDict()
   model.vision.image_size = 64 if is_tiny else 448  # side of every view (S in batch.py)
   model.vision.max_tiles = 2 if is_tiny else 4  # zoom tiles besides the global view
