@@ -66,16 +66,8 @@ def gemm_flops(n: int = 1024, reps: int = 5) -> float:
   return 2 * n ** 3 / _median_time(lambda: matmul(a, a).block_until_ready(), reps)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="tiny model, end-to-end check")
-  parser.add_argument("--new_tokens", type=int, default=128)
-  parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-  parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--out", default="benchmarks/results/decode_llm.json")
-  args = parser.parse_args()
-
-  size = "quick" if args.quick else "56m"
+def run(size: str = "56m", batches=(1, 8), new_tokens: int = 128, reps: int = 3) -> dict:
+  """Times ours and HF generate for each batch size; returns the report (see module doc)."""
   torch.manual_seed(0)
   hf_cfg = transformers.LlamaConfig(**SIZES[size], max_position_embeddings=1024, pad_token_id=0,
                                     bos_token_id=1, eos_token_id=None)
@@ -94,42 +86,57 @@ def main():
   flops_per_token = 2 * (n_params - embed_params)  # one multiply-add per weight read
   rows = []
   rs = np.random.RandomState(0)
-  for batch in args.batches:
+  for batch in batches:
     ids = rs.randint(2, cfg.vocab_size, (batch, PROMPT_LEN))
     mask = np.ones_like(ids, bool)
     ids_t, mask_t = torch.tensor(ids), torch.tensor(mask.astype(np.int64))
 
     def run_hf():
       with torch.no_grad():
-        return hf.generate(ids_t, attention_mask=mask_t, max_new_tokens=args.new_tokens,
-                           min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        return hf.generate(ids_t, attention_mask=mask_t, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
     def run_ours():
       out = decoding.generate(model, variables, input_ids=jnp.asarray(ids), attention_mask=mask,
-                              max_new_tokens=args.new_tokens, eos_id=-1, pad_id=0)
+                              max_new_tokens=new_tokens, eos_id=-1, pad_id=0)
       return jax.block_until_ready(out.tokens)
 
-    ours_s = _median_time(run_ours, args.reps)
-    hf_s = _median_time(run_hf, args.reps)
+    ours_s = _median_time(run_ours, reps)
+    hf_s = _median_time(run_hf, reps)
     same = float(np.mean(np.asarray(run_ours()) == run_hf()[:, PROMPT_LEN:].numpy()))
     # KV cache read per step (average over the generation), float32 K and V.
     cache_bytes = (2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * 4
-                   * (PROMPT_LEN + args.new_tokens / 2))
+                   * (PROMPT_LEN + new_tokens / 2))
     bound = batch * bandwidth / (weight_bytes_per_step + cache_bytes)
     compute_bound = flops / flops_per_token
-    tokens = batch * args.new_tokens
+    tokens = batch * new_tokens
     rows.append(dict(batch=batch, ours_tok_s=tokens / ours_s, hf_tok_s=tokens / hf_s,
                      ratio_vs_hf=hf_s / ours_s, bound_tok_s=bound,
                      compute_bound_tok_s=compute_bound,
                      fraction_of_bound=tokens / ours_s / bound, same_ids_fraction=same))
 
-  report = dict(model=size, params=n_params, weight_bytes_per_step=weight_bytes_per_step,
-                read_bandwidth_gb_s=bandwidth / 1e9, gemm_gflop_s=flops / 1e9, new_tokens=args.new_tokens,
-                prompt_len=PROMPT_LEN, jax=jax.__version__, torch=torch.__version__,
-                torch_threads=torch.get_num_threads(), device=str(jax.devices()[0]), rows=rows)
-  print(f"model {size}: {n_params / 1e6:.1f}M params, {weight_bytes_per_step / 1e6:.0f} MB "
-        f"weights read per step, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
-        f"GEMM {flops / 1e9:.1f} GFLOP/s")
+  return dict(model=size, params=n_params, weight_bytes_per_step=weight_bytes_per_step,
+              read_bandwidth_gb_s=bandwidth / 1e9, gemm_gflop_s=flops / 1e9,
+              new_tokens=new_tokens, prompt_len=PROMPT_LEN, jax=jax.__version__,
+              torch=torch.__version__, torch_threads=torch.get_num_threads(),
+              device=str(jax.devices()[0]), rows=rows)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="tiny model, end-to-end check")
+  parser.add_argument("--new_tokens", type=int, default=128)
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--out", default="benchmarks/results/decode_llm.json")
+  args = parser.parse_args()
+
+  size = "quick" if args.quick else "56m"
+  report = run(size, args.batches, args.new_tokens, args.reps)
+  rows, n_params = report["rows"], report["params"]
+  print(f"model {size}: {n_params / 1e6:.1f}M params, "
+        f"{report['weight_bytes_per_step'] / 1e6:.0f} MB weights read per step, read bandwidth "
+        f"{report['read_bandwidth_gb_s']:.1f} GB/s, GEMM {report['gemm_gflop_s']:.1f} GFLOP/s")
   print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6} {'bound tok/s':>12} "
         f"{'of bound':>9} {'compute bound':>14} {'same ids':>9}")
   for r in rows:

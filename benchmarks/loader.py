@@ -33,6 +33,16 @@ def bench_config():
   return config
 
 
+def examples_per_second(it, batches: int, batch_size: int, warmup: int = 2) -> float:
+  """Examples/s of a batch iterator over `batches` batches after `warmup` (workers start)."""
+  for _ in range(warmup):
+    next(it)
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return batches * batch_size / (time.perf_counter() - t0)
+
+
 def main(argv):
   del argv
   from data_pipelines import builders, loader
@@ -46,17 +56,10 @@ def main(argv):
   for workers in (int(w) for w in _WORKERS.value):
     config.data.num_workers = workers
     it = loader.make_train_iterator(config, tokenizer)
-    for _ in range(2):  # warm-up (worker start, first reads)
-      next(it)
-    t0 = time.perf_counter()
-    for _ in range(_BATCHES.value):
-      next(it)
-    seconds = time.perf_counter() - t0
-    examples = _BATCHES.value * config.train.batch_size
-    rate = examples / seconds
+    rate = examples_per_second(it, _BATCHES.value, config.train.batch_size)
     per_core = rate / max(workers, 1)
     print(f"workers={workers}: {rate:.1f} examples/s ({per_core:.1f} per worker process), "
-          f"{1000 * seconds / examples:.1f} ms/example, bad records {it.bad_records}")
+          f"{1000 / rate:.1f} ms/example, bad records {it.bad_records}")
     it.close()
 
 

@@ -57,31 +57,23 @@ def rel_err(a, b) -> float:
   return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--image_size", type=int, default=1024)
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--num_prompts", type=int, default=3)
-  parser.add_argument("--repeats", type=int, default=3)
-  args = parser.parse_args()
-
+def build(image_size: int):
+  """(pixel config, HF SamModel with random weights, the same weights as Flax params)."""
   from transformers import SamModel
-  cfg = vit_b_config(args.image_size)
+  cfg = vit_b_config(image_size)
   torch.manual_seed(0)
   model = SamModel(sam_convert.hf_sam_config(cfg)).eval()
   with torch.no_grad():  # HF leaves rel-pos / pos-embed at 0; give every weight some signal
     for p in model.parameters():
       p.add_(0.02 * torch.randn_like(p))
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  params = jax.device_put(sam_convert.torch_to_flax(state, cfg))
+  return cfg, model, jax.device_put(sam_convert.torch_to_flax(state, cfg))
 
-  print(f"devices: jax {jax.devices()[0].platform} x{len(jax.devices())}, "
-        f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
-  rng = np.random.default_rng(0)
-  size, b, c = args.image_size, args.batch, cfg.decoder.hidden_size
 
-  # (a) Image encoder.
-  x = rng.normal(size=(b, size, size, 3)).astype(np.float32)
+def bench_image_encoder(cfg, model, params, batch: int, repeats: int) -> dict:
+  """SAM ViT image encoder, ours vs HF: median seconds, compile seconds, relative error."""
+  size, c = cfg.sam_vit.image_size, cfg.decoder.hidden_size
+  x = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32)
   x_t = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
   vit = SamVisionEncoder(cfg.sam_vit, c)
   vit_fn = jax.jit(lambda p, x: vit.apply({"params": p}, x))
@@ -92,11 +84,30 @@ def main():
   with torch.no_grad():
     jax_s, torch_s, (emb_j, emb_t) = timed_pair(
         lambda: vit_compiled(params["vision_encoder"], x_j).block_until_ready(),
-        lambda: model.vision_encoder(x_t).last_hidden_state, args.repeats)
+        lambda: model.vision_encoder(x_t).last_hidden_state, repeats)
   err = rel_err(emb_j, emb_t.permute(0, 2, 3, 1).numpy())
-  print(f"image encoder ViT-B {size}px batch {b}: jax {jax_s * 1e3:.0f} ms, torch "
-        f"{torch_s * 1e3:.0f} ms, ratio {jax_s / torch_s:.2f}x (compile {compile_s:.1f} s), "
-        f"rel err {err:.1e}")
+  return dict(jax=jax_s, torch=torch_s, compile_s=compile_s, err=err)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--image_size", type=int, default=1024)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--num_prompts", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+
+  cfg, model, params = build(args.image_size)
+  print(f"devices: jax {jax.devices()[0].platform} x{len(jax.devices())}, "
+        f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+  rng = np.random.default_rng(0)
+  size, b, c = args.image_size, args.batch, cfg.decoder.hidden_size
+
+  # (a) Image encoder.
+  r = bench_image_encoder(cfg, model, params, b, args.repeats)
+  print(f"image encoder ViT-B {size}px batch {b}: jax {r['jax'] * 1e3:.0f} ms, torch "
+        f"{r['torch'] * 1e3:.0f} ms, ratio {r['jax'] / r['torch']:.2f}x (compile "
+        f"{r['compile_s']:.1f} s), rel err {r['err']:.1e}")
 
   # (b) Prompt encoder + mask decoder, Q point prompts, single mask.
   h = size // 16

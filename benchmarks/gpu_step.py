@@ -1,0 +1,241 @@
+"""One-accelerator benchmark: MFU of the full train step, decode vs the HBM bound, peak memory.
+
+    python -m benchmarks.gpu_step                      # gpu1b preset (~1.1B params), one H100/H200
+    python -m benchmarks.gpu_step --preset=tiny        # the same script end to end on CPU
+    python -m benchmarks.gpu_step --batch_size=16 --out=$OUT/gpu_step.json
+
+Train step (`earthgptx_jax.trainer`, the step `train.py` runs; bf16 compute, fp32 master params,
+remat policy, attention implementation: all from the preset): compile time, median step time
+after warm-up, and
+  * MFU = model FLOPs / step time / peak, model FLOPs being XLA's count of the same step
+    lowered without rematerialisation (what the model needs), and
+  * HFU = XLA's count of the compiled step (with the recomputation remat adds) / time / peak,
+where peak is the vendor's dense bf16 figure for known accelerators (H100 SXM 989 TFLOP/s, ...)
+and, beside it, a bf16 GEMM measured in this run. Decode: greedy tok/s of the preset's LLM
+(bf16 weights, KV cache) at batch 1 and 32 vs the HBM bound batch * bandwidth / (weight bytes +
+KV bytes) per step, bandwidth measured here by a streaming read (and the vendor figure).
+Peak device memory: `device.memory_stats()["peak_bytes_in_use"]` (accelerators; CPU reports
+none, so the process's peak RSS is given instead). Batches are random but follow the batch
+contract (tests/model_fixtures.random_batch), so no dataset is needed on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from benchmarks import decode_llm
+from benchmarks.train_step import peak_rss_gb
+from configs import fusion
+from data_pipelines import schema
+from earthgptx_jax import perf, sharding, trainer
+from earthgptx_jax.models import decoding, llama
+from tests.model_fixtures import random_batch
+
+# Dense bf16 peak FLOP/s and HBM bytes/s by `device_kind` prefix (vendor data sheets).
+VENDOR = {
+    "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),  # SXM
+    "NVIDIA H100 PCIe": (756e12, 2.0e12),
+    "NVIDIA H100 NVL": (835e12, 3.9e12),
+    "NVIDIA H200": (989e12, 4.8e12),
+    "NVIDIA A100-SXM4-80GB": (312e12, 2.04e12),
+    "TPU v5p": (459e12, 2.76e12),
+    "TPU v5 lite": (197e12, 0.82e12),
+}
+
+
+def vendor_figures(device) -> tuple[float | None, float | None]:
+  kind = getattr(device, "device_kind", "")
+  for prefix, figures in VENDOR.items():
+    if kind.startswith(prefix):
+      return figures
+  return None, None
+
+
+def with_token_ids(config):
+  """Reserves the vocabulary's last ids for the template's placeholders (no tokenizer needed)."""
+  vocab = config.model.llm.vocab_size
+  config.model.token_ids.update(dict(bos=1, eos=2, pad=0, image_patch=vocab - 3,
+                                     vp_patch=vocab - 2, seg=vocab - 1))
+  return config
+
+
+def _no_remat(config):
+  config = config.copy_and_resolve_references()
+  for section in (config.model.llm, config.model.vision, config.model.prompt):
+    section.remat = False
+  config.model.vision.convnext.remat = False
+  config.model.vision.dino.remat = False
+  config.model.prompt.sae.remat = False
+  return config
+
+
+def _lowered_flops(lowered) -> float | None:
+  analysis = lowered.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def _peak_device_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def bench_train(config, steps: int, warmup: int) -> dict:
+  mesh = sharding.make_mesh((1, -1, 1))
+  model = trainer.build_model(config)
+  optimizer = trainer.make_optimizer(config, model)
+  state, state_sh = trainer.create_state(model, optimizer, config, mesh, jax.random.key(0))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  num_tasks = len(schema.TASKS)
+  step = trainer.make_train_step(model, optimizer, config, mesh, state_sh, num_tasks)
+  batch = trainer.global_batch(random_batch(config, int(config.train.batch_size)), config, mesh)
+  rules = nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh), rules:
+    compiled = step.jitted.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  hw_flops = perf.compiled_flops(compiled)
+  # Model FLOPs: the same step without rematerialisation, counted at lowering (not compiled).
+  plain = _no_remat(config)
+  plain_model = trainer.build_model(plain)
+  plain_step = trainer.make_train_step(plain_model, optimizer, plain, mesh, state_sh, num_tasks)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    model_flops = _lowered_flops(plain_step.jitted.lower(state, batch))
+  times, loss = [], None
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    loss = float(jax.block_until_ready(metrics)["loss"])
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  tokens = int(np.sum(np.asarray(batch["attention_mask"])))
+  del state
+  return dict(params=int(n_params), batch_size=int(config.train.batch_size),
+              seq_len=int(config.data.max_length), tokens_per_step=tokens, compile_s=compile_s,
+              step_s=step_s, loss=loss, xla_flops=hw_flops, model_flops=model_flops,
+              peak_device_bytes_after_train=_peak_device_bytes())
+
+
+def bench_decode(config, batches, new_tokens: int, prompt_len: int, bandwidth: float,
+                 reps: int) -> list[dict]:
+  """Greedy decoding with the preset's LLM, bf16 weights and cache."""
+  cfg = config.model.llm.copy_and_resolve_references()
+  cfg.remat = False
+  cfg.param_dtype = "bfloat16"
+  model = llama.Llama(cfg)
+  ids0 = jnp.ones((1, 4), jnp.int32)
+  variables = jax.jit(model.init)(jax.random.key(0), ids0)
+  variables = nn.meta.unbox(variables)
+  params = variables["params"]
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  embed = params["embed_tokens"]["embedding"].size
+  itemsize = jnp.dtype(cfg.param_dtype).itemsize
+  weight_bytes = (n_params - embed) * itemsize  # embedding rows are gathered, not streamed
+  rows = []
+  rs = np.random.RandomState(0)
+  for batch in batches:
+    ids = rs.randint(3, cfg.vocab_size - 3, (batch, prompt_len))
+    mask = np.ones_like(ids, bool)
+
+    def run():
+      out = decoding.generate(model, variables, input_ids=jnp.asarray(ids), attention_mask=mask,
+                              max_new_tokens=new_tokens, eos_id=-1, pad_id=0)
+      return jax.block_until_ready(out.tokens)
+
+    seconds = decode_llm._median_time(run, reps)
+    kv_bytes = (2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim
+                * jnp.dtype(cfg.dtype).itemsize * (prompt_len + new_tokens / 2))
+    bound = batch * bandwidth / (weight_bytes + kv_bytes)
+    tok_s = batch * new_tokens / seconds
+    rows.append(dict(batch=batch, tok_s=tok_s, bound_tok_s=bound, fraction_of_bound=tok_s / bound,
+                     seconds=seconds))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="gpu1b", help="configs/fusion.py preset")
+  parser.add_argument("--batch_size", type=int, default=None, help="default: the preset's")
+  parser.add_argument("--steps", type=int, default=5, help="timed train steps (median)")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--decode_batches", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--new_tokens", type=int, default=128)
+  parser.add_argument("--prompt_len", type=int, default=64)
+  parser.add_argument("--reps", type=int, default=3, help="timed decode runs (median)")
+  parser.add_argument("--attention_impl", default=None,
+                      help="override every attention_impl (xla | cudnn | pallas | auto)")
+  parser.add_argument("--out", default="benchmarks/results/gpu_step.json")
+  args = parser.parse_args()
+
+  config = with_token_ids(fusion.get_config(args.preset))
+  if args.batch_size:
+    config.train.batch_size = args.batch_size
+  if args.attention_impl:
+    config.model.llm.attention_impl = args.attention_impl
+  device = jax.devices()[0]
+  vendor_peak, vendor_bw = vendor_figures(device)
+  compute_dtype = jnp.dtype(config.model.llm.dtype)
+  gemm_size = 8192 if jax.default_backend() != "cpu" else 1024
+  measured_peak = perf.measured_matmul_peak(size=gemm_size, dtype=compute_dtype)
+  # A streaming read larger than any cache: 4 GiB on accelerators, 1 GiB on the host.
+  bandwidth = decode_llm.read_bandwidth(num_bytes=(4 << 30) if jax.default_backend() != "cpu"
+                                        else (1 << 30))
+  print(f"device {device.device_kind} ({jax.default_backend()}), preset {args.preset}, "
+        f"measured {compute_dtype.name} GEMM {measured_peak / 1e12:.1f} TFLOP/s, read bandwidth "
+        f"{bandwidth / 1e9:.0f} GB/s" + (f"; vendor {vendor_peak / 1e12:.0f} TFLOP/s, "
+                                         f"{vendor_bw / 1e12:.2f} TB/s" if vendor_peak else ""),
+        flush=True)
+
+  train = bench_train(config, args.steps, args.warmup)
+  peak = vendor_peak or measured_peak
+  for key, flops in (("mfu", train["model_flops"]), ("hfu", train["xla_flops"])):
+    train[key] = flops / train["step_s"] / peak if flops else None
+    train[f"{key}_vs_measured_gemm"] = flops / train["step_s"] / measured_peak if flops else None
+  print(f"train step: {train['params'] / 1e9:.3f}B params, batch {train['batch_size']} x "
+        f"{train['seq_len']} ({train['tokens_per_step']} real tokens), compile "
+        f"{train['compile_s']:.1f} s, step {train['step_s'] * 1e3:.1f} ms, loss {train['loss']:.3f}",
+        flush=True)
+  if train["mfu"] is not None:
+    print(f"  MFU {train['mfu']:.1%} (HFU {train['hfu']:.1%}) of "
+          f"{'vendor' if vendor_peak else 'measured'} peak {peak / 1e12:.1f} TFLOP/s; "
+          f"MFU {train['mfu_vs_measured_gemm']:.1%} of the measured GEMM", flush=True)
+
+  decode = bench_decode(config, args.decode_batches, args.new_tokens, args.prompt_len,
+                        bandwidth, args.reps)
+  for d in decode:
+    vendor_bound = (d["bound_tok_s"] * vendor_bw / bandwidth) if vendor_bw else None
+    d["vendor_bound_tok_s"] = vendor_bound
+    print(f"decode batch {d['batch']}: {d['tok_s']:.0f} tok/s, HBM bound {d['bound_tok_s']:.0f} "
+          f"tok/s (measured bandwidth): {d['fraction_of_bound']:.0%}"
+          + (f"; vendor-bandwidth bound {vendor_bound:.0f} tok/s" if vendor_bound else ""),
+          flush=True)
+  peak_bytes = _peak_device_bytes()
+  print("peak device memory: " + (f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes else
+                                  f"not reported by {jax.default_backend()}; process peak RSS "
+                                  f"{peak_rss_gb():.2f} GB"))
+  report = dict(device=device.device_kind, backend=jax.default_backend(), preset=args.preset,
+                jax=jax.__version__, measured_gemm_flop_s=measured_peak,
+                measured_read_bytes_s=bandwidth, vendor_peak_flop_s=vendor_peak,
+                vendor_bandwidth_bytes_s=vendor_bw, train=train, decode=decode,
+                peak_device_bytes=peak_bytes, peak_rss_gb=peak_rss_gb(),
+                xla_flags=os.environ.get("XLA_FLAGS", ""))
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(report, indent=2))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
