@@ -193,7 +193,7 @@ def main():
   bandwidth = decode_llm.read_bandwidth(num_bytes=(4 << 30) if jax.default_backend() != "cpu"
                                         else (1 << 30))
   print(f"device {device.device_kind} ({jax.default_backend()}), preset {args.preset}, "
-        f"measured {compute_dtype.name} GEMM {measured_peak / 1e12:.1f} TFLOP/s, read bandwidth "
+        f"measured {compute_dtype.name} GEMM {measured_peak / 1e9:.0f} GFLOP/s, read bandwidth "
         f"{bandwidth / 1e9:.0f} GB/s" + (f"; vendor {vendor_peak / 1e12:.0f} TFLOP/s, "
                                          f"{vendor_bw / 1e12:.2f} TB/s" if vendor_peak else ""),
         flush=True)
@@ -203,13 +203,13 @@ def main():
   for key, flops in (("mfu", train["model_flops"]), ("hfu", train["xla_flops"])):
     train[key] = flops / train["step_s"] / peak if flops else None
     train[f"{key}_vs_measured_gemm"] = flops / train["step_s"] / measured_peak if flops else None
-  print(f"train step: {train['params'] / 1e9:.3f}B params, batch {train['batch_size']} x "
+  print(f"train step: {train['params'] / 1e6:.1f}M params, batch {train['batch_size']} x "
         f"{train['seq_len']} ({train['tokens_per_step']} real tokens), compile "
         f"{train['compile_s']:.1f} s, step {train['step_s'] * 1e3:.1f} ms, loss {train['loss']:.3f}",
         flush=True)
   if train["mfu"] is not None:
     print(f"  MFU {train['mfu']:.1%} (HFU {train['hfu']:.1%}) of "
-          f"{'vendor' if vendor_peak else 'measured'} peak {peak / 1e12:.1f} TFLOP/s; "
+          f"{'vendor' if vendor_peak else 'measured'} peak {peak / 1e9:.0f} GFLOP/s; "
           f"MFU {train['mfu_vs_measured_gemm']:.1%} of the measured GEMM", flush=True)
 
   decode = bench_decode(config, args.decode_batches, args.new_tokens, args.prompt_len,
