@@ -7,6 +7,7 @@ is compiled) is exported once; the JAX reference outputs are computed once and r
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -95,19 +96,27 @@ def test_folder_loads_in_the_standard_libraries(exported):
   assert not sam["missing_keys"] and not sam["unexpected_keys"]
 
 
-def test_reverse_import_is_bit_exact(exported, tmp_path):
+@pytest.fixture(scope="module")
+def imported_run(exported, tmp_path_factory):
+  """The exported folder imported into a new workdir (an Orbax checkpoint at step 7)."""
+  _, _, folder, _, _, _ = exported
+  run = tmp_path_factory.mktemp("imported") / "run"
+  et.import_folder(folder, run, step=7)
+  return run
+
+
+def test_reverse_import_is_bit_exact(exported, imported_run):
   config, params, folder, _, _, _ = exported
   _, imported = et.read_folder(folder)
   want, got = keymap.flatten(params), keymap.flatten(imported)
   assert want.keys() == got.keys()
   for path in want:
     assert got[path].dtype == want[path].dtype and np.array_equal(got[path], want[path]), path
-  # ... and on through an Orbax checkpoint in a new workdir.
-  et.import_folder(folder, tmp_path / "run", step=7)
-  cfg, restored, step = et.load_workdir(tmp_path / "run")
+  # ... and on through the Orbax checkpoint of the new workdir.
+  cfg, restored, step = et.load_workdir(imported_run)
   assert step == 7 and cfg.model.llm.hidden_size == config.model.llm.hidden_size
   restored = keymap.flatten(restored)
-  assert all(np.array_equal(restored[p], want[p]) for p in want) and restored.keys() == want.keys()
+  assert restored.keys() == want.keys() and all(np.array_equal(restored[p], want[p]) for p in want)
 
 
 def test_lora_is_merged_on_export(tmp_path):
@@ -145,15 +154,15 @@ def test_failed_parity_leaves_nothing_behind(exported, tmp_path, monkeypatch):
   assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary folder
 
 
-def test_missing_and_corrupt_checkpoints(exported, tmp_path):
-  config, params, _, _, _, _ = exported
+def test_missing_and_corrupt_checkpoints(imported_run, tmp_path):
+  import shutil
   with pytest.raises(et.ExportError, match="no config.json"):
     et.load_workdir(tmp_path / "nothing")
-  run = tmp_path / "run"
-  et.save_workdir(config, {"params": params, "lora": {}}, run, step=1)
   with pytest.raises(et.ExportError, match="no checkpoint 5"):
-    et.load_workdir(run, step=5)
-  for f in (run / "checkpoints" / "1" / "state").rglob("*"):
+    et.load_workdir(imported_run, step=5)
+  run = tmp_path / "run"
+  shutil.copytree(imported_run, run)
+  for f in (run / "checkpoints" / "7" / "state").rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
   with pytest.raises(et.ExportError, match="could be restored"):
@@ -184,10 +193,13 @@ def test_cli_one_line_error_without_jax_in_torch_model(tmp_path):
   assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=300).returncode == 0
 
 
+@pytest.mark.slow
 def test_paper_preset_is_representable():
   """The paper preset's folder layout: every own-module rule matches a param of the model."""
   from configs import fusion
   config = fusion.get_config("paper")
+  config.model.token_ids.update(dict(bos=1, eos=2, pad=0, image_patch=31997, vp_patch=31998,
+                                     seg=31999))
   shapes = keymap.flatten(et.expected_params(config))
   rules = et.own_rules(config.model)
   assert all(r.flax_path in shapes for r in rules)
@@ -199,21 +211,23 @@ def test_paper_preset_is_representable():
 def test_cli_exports_a_trained_workdir(tmp_path, shared_data):
   """train.py (2 steps, tiny) -> export CLI -> EarthGPTXTorch loads; import CLI round trips."""
   del shared_data
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device per process, as a user runs it
   run = tmp_path / "run"
   subprocess.run([sys.executable, "-m", "earthgptx_jax.train", "--config=configs/fusion.py:tiny",
-                  f"--workdir={run}", "--config.train.steps=2",
-                  f"--config.data.data_dir={tmp_path / 'data'}"], cwd=REPO, check=True,
+                  f"--workdir={run}", "--config.train.steps=2", "--config.train.eval_examples=4",
+                  f"--config.data.data_dir={tmp_path / 'data'}"], cwd=REPO, env=env, check=True,
                  timeout=1800)
   proc = subprocess.run([sys.executable, "-m", "earthgptx_jax.export_torch", f"--workdir={run}",
-                         f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True,
-                        timeout=1800)
+                         f"--out={tmp_path / 'out'}"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-2000:]
   figures = [line for line in proc.stdout.splitlines() if line.startswith("parity")]
   assert figures, proc.stdout
   assert (tmp_path / "out" / "tokenizer").is_dir()
   proc = subprocess.run([sys.executable, "-m", "earthgptx_jax.export_torch",
                          f"--import_folder={tmp_path / 'out'}", f"--workdir={tmp_path / 'back'}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=1800)
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-2000:]
   _, a, _ = et.load_workdir(run)
   _, b, _ = et.load_workdir(tmp_path / "back")
