@@ -5,7 +5,7 @@
     folder/
       config.json                 the run's config (all sizes, token ids, mean / std)
       llm/                        transformers LlamaForCausalLM          <- models/llama.py Llama
-      dino/                       transformers Dinov2Model               <- models/vit.py ViT (vision.dino)
+      dino/                       transformers Dinov2(WithRegisters)Model <- models/vit.py ViT (vision.dino)
       convnext/                   timm ConvNeXt trunk (timm / open_clip  <- models/convnext.py ConvNeXt
                                   `trunk.` keys without the prefix) + config.json (timm kwargs)
       prompt_sae/                 transformers Dinov2Model, 1 channel    <- models/vit.py ViT (prompt.sae)
@@ -298,7 +298,7 @@ class EarthGPTXTorch(nn.Module):
     m = self.model_config = config.model
     self.config = config
     self.convnext = convnext  # timm ConvNeXt            <- vision.convnext
-    self.dino = dino  # transformers Dinov2Model          <- vision.dino
+    self.dino = dino  # transformers Dinov2(WithRegisters)Model <- vision.dino
     self.prompt_encoder = PromptEncoder(m.prompt, sae)  # <- prompt_encoder
     image_channels = m.vision.convnext.dims[m.vision.convnext_stage] + m.vision.dino.hidden_size
     self.integration = ContentIntegration(m.prompt, image_channels, m.llm.hidden_size)
@@ -321,8 +321,9 @@ class EarthGPTXTorch(nn.Module):
     convnext = timm.models.convnext.ConvNeXt(**convnext_kwargs(m.vision.convnext))
     convnext.load_state_dict(load_file(str(folder / CONVNEXT_DIR / "model.safetensors")))
     load = dict(dtype=torch.float32, attn_implementation="eager")
-    dino = transformers.Dinov2Model.from_pretrained(folder / DINO_DIR, **load)
-    sae = transformers.Dinov2Model.from_pretrained(folder / SAE_DIR, **load)
+    # Dinov2Model, or Dinov2WithRegistersModel when the config has register tokens.
+    dino = transformers.AutoModel.from_pretrained(folder / DINO_DIR, **load)
+    sae = transformers.AutoModel.from_pretrained(folder / SAE_DIR, **load)
     llm = transformers.LlamaForCausalLM.from_pretrained(folder / LLM_DIR, **load)
     sam_config = transformers.SamConfig.from_pretrained(folder / SAM_DIR)
     model = cls(config, convnext=convnext, dino=dino, sae=sae, llm=llm, sam_config=sam_config)

@@ -208,6 +208,26 @@ def test_paper_preset_is_representable():
 
 
 @pytest.mark.slow
+def test_variant_paths_match_jax(tmp_path):
+  """The other branches: SAM decoder on the mixed dense map, DINOv2 with registers (HF
+  Dinov2WithRegistersModel) read at its penultimate layer, a scanned and tied LLM."""
+  config = tiny_config()
+  config.model.pixel.image_encoder = "mixed"
+  config.model.vision.dense_source = "mixed"
+  config.model.vision.dino_layer = -2
+  config.model.vision.dino.num_register_tokens = 2
+  config.model.vision.dino.pos_interp_antialias = True
+  config.model.llm.scan_layers = True
+  config.model.llm.tie_word_embeddings = True
+  params = _random_params(config, seed=2)
+  figures = et.export(config, params, tmp_path / "model")
+  assert figures["logits"] <= RTOL and figures["mask_logits"] <= RTOL
+  _, imported = et.read_folder(tmp_path / "model")
+  want, got = keymap.flatten(params), keymap.flatten(imported)
+  assert want.keys() == got.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
 def test_cli_exports_a_trained_workdir(tmp_path, shared_data):
   """train.py (2 steps, tiny) -> export CLI -> EarthGPTXTorch loads; import CLI round trips."""
   del shared_data
