@@ -59,7 +59,8 @@ def masked_attention(q, k, v, key_valid=None):
   logits = torch.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(q.shape[-1])
   if key_valid is not None:
     logits = logits.masked_fill(~key_valid[:, None, None, :], _large_negative(logits.dtype))
-  weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+  weights = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                          dim=-1).to(q.dtype)
   return torch.einsum("bnts,bsnh->btnh", weights, v)
 
 
@@ -97,7 +98,7 @@ class FeedForward(nn.Module):
 
 def fourier_features(coords, gaussian):
   """SAM's random-Fourier encoding: coords [..., 2] in [0, 1] -> [..., 2F]."""
-  projected = 2 * math.pi * ((2 * coords.float() - 1) @ gaussian)
+  projected = 2 * math.pi * ((2 * coords.to(gaussian.dtype) - 1) @ gaussian)
   return torch.cat([torch.sin(projected), torch.cos(projected)], dim=-1)
 
 
@@ -229,12 +230,10 @@ class PixelDecoder(nn.Module):
     """global_view [B, S, S, 3] in [0, 1]; dense [B, h, w, C_d] (the mixed encoders' map)."""
     cfg = self.cfg
     if cfg.image_encoder == "sam":
-      mean = torch.tensor(cfg.sam_vit.pixel_mean, dtype=torch.float32)
-      std = torch.tensor(cfg.sam_vit.pixel_std, dtype=torch.float32)
-      x = ((global_view.float() - mean) / std).permute(0, 3, 1, 2)
+      x = _normalise(global_view.to(self.seg_fc1.weight.dtype), cfg.sam_vit.pixel_mean,
+                     cfg.sam_vit.pixel_std)
       x = _resize(x, cfg.sam_vit.image_size, antialias=True)
-      dtype = self.seg_fc1.weight.dtype
-      embeddings = self.sam.vision_encoder(x.to(dtype)).last_hidden_state  # [B, C, h, w]
+      embeddings = self.sam.vision_encoder(x).last_hidden_state  # [B, C, h, w]
     else:
       embeddings = self.dense_norm(self.dense_proj(dense)).permute(0, 3, 1, 2)
     b, _, h, w = embeddings.shape
@@ -245,8 +244,8 @@ class PixelDecoder(nn.Module):
     image_pe = self.sam.image_positional_embedding(h, w).expand(b, -1, -1, -1)
     masks, iou = self.sam.mask_decoder(embeddings, image_pe, sparse, dense_prompt,
                                        multimask_output=False)
-    masks = _resize(masks[:, :, 0].float(), out_size, antialias=False)
-    return masks.reshape(b, q, out_size, out_size), iou[:, :, 0].float()
+    masks = _resize(masks[:, :, 0], out_size, antialias=False)
+    return masks.reshape(b, q, out_size, out_size), iou[:, :, 0]
 
 
 def splice_tokens(text_embeds, input_ids, vp_token_index, image_embeds, prompt_embeds,
@@ -343,6 +342,11 @@ class EarthGPTXTorch(nn.Module):
     model.load_state_dict(own, strict=False)
     return model.float().eval()
 
+  @property
+  def dtype(self) -> torch.dtype:
+    """The parameters' dtype (float32 from `from_pretrained`); inputs are cast to it."""
+    return self.integration.image_in.weight.dtype
+
   def own_state_keys(self) -> list[str]:
     """State-dict keys of the ported modules (earthgptx.safetensors): all but standard parts."""
     standard = ("convnext.", "dino.", "llm.", "prompt_encoder.sae.", "pixel.sam.")
@@ -351,7 +355,7 @@ class EarthGPTXTorch(nn.Module):
   def encode_visual(self, batch):
     """-> image tokens [B, N, H], prompt tokens [B, P, K, H], dense map [B, h, w, C_d]."""
     v_cfg = self.model_config.vision
-    pv = batch["pixel_values"].float()
+    pv = batch["pixel_values"].to(self.dtype)
     b, v, s = pv.shape[:3]
     x = pv.reshape(b * v, s, s, 3)
     g = v_cfg.token_grid
@@ -377,14 +381,16 @@ class EarthGPTXTorch(nn.Module):
     dense = dense[v_cfg.dense_source]()
     dense = dense.reshape(b, v, *dense.shape[1:])[:, 0]
     image_valid = batch["view_valid"].bool().repeat_interleave(g * g, dim=1)
-    prompts = self.prompt_encoder(batch["prompt_maps"].float(), batch["prompt_geometry"].float(),
+    prompts = self.prompt_encoder(batch["prompt_maps"].to(self.dtype),
+                                  batch["prompt_geometry"].to(self.dtype),
                                   batch["prompt_type"], batch["prompt_valid"])
     image_llm, prompt_llm = self.integration(image_tokens, image_valid, prompts,
                                              batch["prompt_valid"])
     return image_llm, prompt_llm, dense
 
   def forward(self, batch: dict[str, torch.Tensor]):
-    """batch.py fields -> (logits [B, L, V], mask_logits [B, Q, S, S], iou [B, Q])."""
+    """batch.py fields -> (logits [B, L, V], mask_logits [B, Q, S, S], iou [B, Q]), all in
+    the model's dtype."""
     m = self.model_config
     ids = batch["input_ids"].long()
     image_llm, prompt_llm, dense = self.encode_visual(batch)
@@ -395,7 +401,7 @@ class EarthGPTXTorch(nn.Module):
     positions = (torch.cumsum(mask.long(), dim=1) - 1).clamp(min=0)  # counts real tokens
     hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask.long(),
                             position_ids=positions).last_hidden_state  # after the final norm
-    logits = self.llm.lm_head(hidden).float()
+    logits = self.llm.lm_head(hidden)
     states, _ = gather_seg_states(hidden, batch["targets"].long(), _token_id(m, "seg"),
                                   m.pixel.max_seg)
     masks, iou = self.pixel(states, batch["pixel_values"][:, 0], dense,
