@@ -447,7 +447,7 @@ def run(argv) -> int:
     export(config, params, fl.out, tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
     print(f"exported step {step} of {fl.workdir} -> {fl.out}")
     return 0
-  except (ExportError, keymap.ConversionError) as e:
+  except (ExportError, ValueError) as e:  # ValueError: a config or tensor that does not fit
     print(f"error: {e}", file=sys.stderr)
     return 1
 
