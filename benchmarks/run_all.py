@@ -93,7 +93,8 @@ def decode_rows(args, results) -> list[dict]:
   for d in r["rows"]:
     rows.append(_row(f"decode tok/s, 56M LLaMA, batch {d['batch']}", d["ours_tok_s"],
                      d["hf_tok_s"], "tok/s", d["ratio_vs_hf"],
-                     f"BW bound {d['bound_tok_s']:.0f} tok/s: {d['fraction_of_bound']:.0%}",
+                     f"BW bound {d['bound_tok_s']:.0f} tok/s: {d['fraction_of_bound']:.0%} "
+                     f"(compute bound {d['compute_bound_tok_s']:.0f})",
                      ">= 3x, >= 70% of bound", f"same ids {d['same_ids_fraction']:.0%}"))
   return rows
 
@@ -177,7 +178,7 @@ def fsdp_rows(args, results) -> list[dict]:
     mesh = "x".join(map(str, r["mesh"]))
     rows.append(_row(f"state/device, {r['preset']}, mesh {mesh} ({how}) (MB)",
                      r[key] / 1e6, even / 1e6, "MB", r[key] / even,
-                     f"total {r['total_bytes'] / 1e9:.3g} GB / {r['devices']}", "<= 1.05x"))
+                     f"total {r['total_bytes'] / 1e6:.4g} MB / {r['devices']}", "<= 1.05x"))
   return rows
 
 
@@ -229,15 +230,16 @@ def main():
                  args=vars(args), machine=platform.machine(), cpus=os.cpu_count(),
                  jax=jax.__version__, torch=torch.__version__,
                  torch_threads=torch.get_num_threads(), backend=jax.default_backend())
+  sections = (({"train", "loader"}, train_rows), ({"decode"}, decode_rows),
+              ({"encoders"}, encoder_rows), ({"fsdp"}, fsdp_rows))
   rows = []
-  if "train" in args.rows or "loader" in args.rows:
-    rows += train_rows(args, results)
-  if "decode" in args.rows:
-    rows += decode_rows(args, results)
-  if "encoders" in args.rows:
-    rows += encoder_rows(args, results)
-  if "fsdp" in args.rows:
-    rows += fsdp_rows(args, results)
+  for names, measure in sections:
+    if names & set(args.rows):
+      new = measure(args, results)
+      for r in new:  # progress: the full table comes at the end
+        print(f"[run_all] {r['name']}: ours {_fmt(r['ours'])} ref {_fmt(r['reference'])}",
+              flush=True)
+      rows += new
   results["rows"] = rows
   print(f"\nbackend {results['backend']}, {results['cpus']} CPUs, torch threads "
         f"{results['torch_threads']}, jax {results['jax']}, torch {results['torch']}"
