@@ -108,6 +108,7 @@ def test_restore_onto_other_meshes(tmp_path, config, sharded):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_full_batch(config, mesh_1, single):
   accum_config = tiny_config(grad_accum_steps=2)
   _, _, state, _, step_full = single
@@ -126,6 +127,7 @@ def test_grad_accumulation_equals_full_batch(config, mesh_1, single):
                _host(new_full.trainable), _host(new_accum.trainable))
 
 
+@pytest.mark.slow
 def test_lora_starts_at_base_and_trains_only_adapters(mesh_1):
   config = tiny_config(frozen_patterns=(r"^params/llm/",))
   config.train.lora.rank = 4

@@ -98,7 +98,11 @@ class Upsample2x(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """SAM's `num_layers`-deep ReLU MLP (hypernetworks, IoU head): x [..., D] -> [..., out]."""
+  """SAM's `num_layers`-deep ReLU MLP (hypernetworks, IoU head): x [..., D] -> [..., out].
+
+  The output width (a few masks or hypernetwork channels) is left unsharded: it is too small to
+  split over any mesh axis.
+  """
   hidden_dim: int
   output_dim: int
   num_layers: int
@@ -111,7 +115,7 @@ class FeedForward(nn.Module):
     x = nn.relu(dense(self.hidden_dim, ("vit_embed", "vit_mlp"), name="proj_in", **kw)(x))
     for i in range(self.num_layers - 2):
       x = nn.relu(dense(self.hidden_dim, ("vit_mlp", None), name=f"layers_{i}", **kw)(x))
-    return dense(self.output_dim, ("vit_mlp", "vit_embed"), name="proj_out", **kw)(x)
+    return dense(self.output_dim, ("vit_mlp", None), name="proj_out", **kw)(x)
 
 
 class SamAttention(nn.Module):
