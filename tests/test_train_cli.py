@@ -59,7 +59,7 @@ def data_dir(tmp_path_factory):
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, data_dir):
-  steps = 8
+  steps = 16
   every = ["--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=False"]
   straight = tmp_path / "straight"
   subprocess.run(_train_cmd(straight, data_dir, steps, *every), cwd=ROOT, env=_env(), check=True,
