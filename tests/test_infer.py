@@ -1,0 +1,125 @@
+"""Inference on a workdir: Python API answers with prompts; the CLI fails cleanly on bad input.
+
+The workdir holds random tiny weights written as train.py writes them (config.json,
+tokenizer/, an Orbax checkpoint), so no training is compiled here.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data_pipelines import loader, schema
+from earthgptx_jax import batch as batch_lib
+from earthgptx_jax import export_torch, infer, template, tokenizer as tokenizer_lib, trainer
+from model_fixtures import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SIRST_IMAGE = "SIRST/images/Misc_10.png"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("infer")
+  tok_dir = root / "tok"
+  texts = ["what is in the region? a ship near the plane", "segment the storage tank",
+           "[12,40,300,512] the building is left of the vehicle"] * 20
+  tokenizer_lib.build_tokenizer(texts, 300, str(tok_dir))
+  tokenizer = tokenizer_lib.load_tokenizer(str(tok_dir))
+  config = tiny_config()
+  config.model.token_ids = type(config.model.token_ids)(
+      vars(loader.TokenIds.from_tokenizer(tokenizer)))
+  config.data.data_dir = str(root / "data")
+  model = trainer.build_model(config)
+  example = jax.tree.map(jnp.asarray, batch_lib.example_batch(config, 1))
+  shapes = trainer.nn.meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), example)["params"]))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+  wd = root / "run"
+  export_torch.save_workdir(config, {"params": params, "lora": {}}, wd, tokenizer_dir=tok_dir)
+  return wd
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir):
+  return infer.Predictor.from_workdir(workdir)
+
+
+def test_predictor_answers_about_a_real_image_with_prompts(predictor, shared_data):
+  image = (shared_data / SIRST_IMAGE).read_bytes()
+  prompts = [infer.parse_prompt_flag("box", "10,10,60,50"), infer.parse_prompt_flag("point", "30,40")]
+  first = predictor(image, "infrared", "What is inside <vp1> and near <vp2>?", prompts,
+                    max_new_tokens=8)
+  again = predictor(image, "infrared", "What is inside <vp1> and near <vp2>?", prompts,
+                    max_new_tokens=8)
+  assert isinstance(first.answer, str) and first.answer == again.answer  # greedy: deterministic
+  for mask in first.masks:  # one per generated [SEG], in the original image's frame
+    assert mask.dtype == bool and mask.shape == preprocess_shape(image)
+  sampled = predictor(image, "infrared", "Describe the image.", [], max_new_tokens=8,
+                      temperature=1.0, top_p=0.9, seed=3)
+  assert isinstance(sampled.answer, str)
+
+
+def preprocess_shape(image_bytes):
+  from data_pipelines import preprocess
+  return preprocess.decode_image(image_bytes).shape[:2]
+
+
+def test_bad_requests_raise_one_clear_error(predictor, shared_data):
+  image = (shared_data / SIRST_IMAGE).read_bytes()
+  h, w = preprocess_shape(image)
+  with pytest.raises(infer.InferenceError, match="outside"):
+    predictor(image, "infrared", "What is in <vp1>?",
+              [infer.parse_prompt_flag("box", f"{w + 10},{h + 10},{w + 40},{h + 40}")])
+  with pytest.raises(infer.InferenceError, match="corrupt_image"):
+    predictor(b"not an image", "infrared", "Describe.")
+  with pytest.raises(infer.InferenceError, match="unknown_modality"):
+    predictor(image, "hyperspectral", "Describe.")
+  with pytest.raises(infer.InferenceError, match="--box"):
+    infer.parse_prompt_flag("box", "1,2,3")
+
+
+def _cli(*args):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "earthgptx_jax.infer", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, workdir, shared_data):
+  image = str(shared_data / SIRST_IMAGE)
+  out = tmp_path / "overlay.png"
+  cases = [
+      ([f"--workdir={tmp_path / 'nothing'}", f"--image={image}", "--text=hi"], "config.json"),
+      ([f"--workdir={workdir}", f"--image={tmp_path / 'missing.png'}", "--text=hi"], "--image"),
+      ([f"--workdir={workdir}", f"--image={image}", "--text=hi", "--box=1,2"], "--box"),
+      ([f"--workdir={workdir}", f"--image={image}", "--text=hi",
+        f"--out={tmp_path / 'no_such_dir' / 'o.png'}"], "--out"),
+  ]
+  for args, needle in cases:
+    if not any(a.startswith("--out") for a in args):
+      args = [*args, f"--out={out}"]
+    result = _cli(*args)
+    assert result.returncode != 0, args
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1 and needle in error_lines[0], result.stderr[-2000:]
+  assert not out.exists() and not list(tmp_path.glob(".overlay*"))
+
+
+@pytest.mark.slow
+def test_cli_writes_answer_and_overlay(tmp_path, workdir, shared_data):
+  out = tmp_path / "overlay.png"
+  result = _cli(f"--workdir={workdir}", f"--image={shared_data / SIRST_IMAGE}",
+                "--modality=infrared", "--text=What is inside <vp1>?", "--box=10,10,60,50",
+                f"--out={out}", "--max_new_tokens=8")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "overlay written" in result.stdout
+  from PIL import Image
+  with Image.open(out) as img:
+    assert img.size[::-1] == preprocess_shape((shared_data / SIRST_IMAGE).read_bytes())
