@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 
 import jax
+
+from earthgptx_jax import perf
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -30,16 +31,10 @@ from earthgptx_jax.models import vit as vit_lib
 
 
 def _time(fns, repeats: int) -> list[float]:
-  """Median seconds per call of each fn; calls interleaved so both see the same machine load."""
+  """Median seconds per call of each fn after one warm-up (compile) call; calls interleaved."""
   for fn in fns:
-    fn()  # warm-up (and compile)
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, t in zip(fns, times):
-      start = time.perf_counter()
-      fn()
-      t.append(time.perf_counter() - start)
-  return [statistics.median(t) for t in times]
+    fn()
+  return perf.interleaved_median(fns, repeats)
 
 
 def _rel_err(ours, ref) -> float:

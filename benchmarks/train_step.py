@@ -19,7 +19,6 @@ import argparse
 import json
 import pathlib
 import resource
-import statistics
 import tempfile
 import time
 
@@ -79,17 +78,6 @@ def torch_loss(config, batch, logits, mask_logits):
   return w.ce_weight * ce + w.bce_weight * bce + w.dice_weight * dice
 
 
-def _median_pair(fns, repeats: int) -> list[float]:
-  """Median seconds per call of each fn, calls alternating; each already warmed up."""
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, t in zip(fns, times):
-      start = time.perf_counter()
-      fn()
-      t.append(time.perf_counter() - start)
-  return [statistics.median(t) for t in times]
-
-
 def run(data, batch: dict[str, np.ndarray], repeats: int = 5, warmup: int = 2,
         with_torch: bool = True) -> dict:
   """Times both train steps on `batch`; returns the figures (seconds, FLOPs, ratios, RSS)."""
@@ -146,7 +134,7 @@ def run(data, batch: dict[str, np.ndarray], repeats: int = 5, warmup: int = 2,
       torch_step()
     fns.append(torch_step)
     result["torch_threads"] = torch.get_num_threads()
-  times = _median_pair(fns, repeats)
+  times = perf.interleaved_median(fns, repeats)
   result["jax_step_s"] = times[0]
   if with_torch:
     result["torch_step_s"] = times[1]

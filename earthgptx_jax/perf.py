@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import jax
@@ -37,3 +38,15 @@ def measured_matmul_peak(size: int = 1024, dtype=jnp.float32, repeats: int = 5) 
   # Host devices of one CPU share its cores: count the CPU once.
   devices = 1 if jax.default_backend() == "cpu" else jax.local_device_count()
   return per_device * devices * jax.process_count()
+
+
+def interleaved_median(fns, repeats: int) -> list[float]:
+  """Median seconds per call of each (already warmed-up) fn; the calls alternate, so every fn
+  sees the same machine load. fns block until their result is ready."""
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, t in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      t.append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
