@@ -96,3 +96,15 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+  """Blocks until every process reaches the barrier `name` (no-op with one process).
+
+  Call it after each process compiled a program, before running it: processes compile at
+  different speeds, and on CPU the first collective gives a late peer only 30 s (gloo's fixed
+  key-value timeout). The barrier lives in the coordination service, not in a collective, so
+  it waits as long as `timeout_s`.
+  """
+  import orbax.checkpoint as ocp  # the coordination-service barrier, without private jax API
+  ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))

@@ -179,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with jax.set_mesh(mesh), trainer.nn.logical_axis_rules(trainer.sharding.LOGICAL_AXIS_RULES):
     compiled = train_step.jitted.lower(state, first).compile()
   _log(f"train step compiled in {time.perf_counter() - t0:.1f} s")
+  trainer.sharding.wait_for_all_processes("train step compiled")
   peak = config.train.get("peak_flops", None) or perf.measured_matmul_peak()
   progress = ProgressLogger(workdir, config, data.task_names, perf.compiled_flops(compiled), peak)
   preemption = PreemptionFlag()

@@ -15,6 +15,7 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 if _MULTI 
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
+from flax import linen as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -36,11 +37,15 @@ def main():
   b = config.train.batch_size
   rows = slice(jax.process_index() * b // jax.process_count(),
                (jax.process_index() + 1) * b // jax.process_count())
+  batches = [trainer.global_batch({k: v[rows] for k, v in random_batch(config, b, 10 + i).items()},
+                                  config, mesh) for i in range(3)]
+  if _MULTI:  # as train.py does: no process runs the step before every process compiled it
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      step.jitted.lower(state, batches[0]).compile()
+    sharding.wait_for_all_processes("train step compiled")
   losses = []
-  for i in range(3):
-    full = random_batch(config, b, seed=10 + i)
-    local = {k: v[rows] for k, v in full.items()}
-    state, metrics = step(state, trainer.global_batch(local, config, mesh))
+  for batch in batches:
+    state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   if jax.process_index() == 0:
     print("LOSSES " + json.dumps(losses), flush=True)

@@ -106,15 +106,24 @@ def _run_losses(args):
   return json.loads(line[0][len("LOSSES "):]) if line else None
 
 
-def test_two_processes_match_one_process():
+def test_two_processes_match_one_process(tmp_path):
   single = _run_losses(["single"])
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_step.py"), port,
-                             str(i)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=900) for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
-  multi = json.loads([l for l in outs[0][0].splitlines() if l.startswith("LOSSES ")][0][7:])
+  # Files, not pipes: a process blocked on a full stderr pipe that nobody reads stalls its peer
+  # at the coordination service's shutdown barrier.
+  logs = [(tmp_path / f"p{i}.out", tmp_path / f"p{i}.err") for i in range(2)]
+  procs = []
+  for i, (out, err) in enumerate(logs):
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+      procs.append(subprocess.Popen(
+          [sys.executable, str(ROOT / "tests" / "multihost_step.py"), port, str(i)], cwd=ROOT,
+          env=_env(), stdout=stdout, stderr=stderr, text=True))
+  for p in procs:
+    p.wait(timeout=900)
+  assert all(p.returncode == 0 for p in procs), "".join(
+      err.read_text()[-3000:] for _, err in logs)
+  multi = json.loads([l for l in logs[0][0].read_text().splitlines()
+                      if l.startswith("LOSSES ")][0][7:])
   assert len(multi) == len(single) == 3
   for a, b in zip(single, multi):
     assert abs(a - b) <= 1e-5 * abs(a)
