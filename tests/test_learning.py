@@ -1,10 +1,11 @@
 """The README's main job end to end: train the tiny preset on synthetic_rs, then score it.
 
-Thresholds sit a clear margin under what this command measured (300 steps, 96 held-out
-examples, 2 CPU cores): image_caption CIDEr 1.68, region_caption CIDEr 1.24, score 0.54; an
-untrained model scores ~0 on all three. The visually grounded tasks (scene and referring
-classification, box Acc@0.5, mask gIoU) stayed at chance in that budget and are reported in
-metrics.json, not asserted (see the session note for issue 7).
+Thresholds sit about half of what this command measured (800 steps, all 300 held-out examples,
+2 CPU cores, evaluated with `python -m earthgptx_jax.evaluate --max_examples=300`):
+image_caption CIDEr 1.80, region_caption CIDEr 1.31, VQA accuracy 0.59, referring-segmentation
+gIoU 0.149, score 0.59. An untrained model scores ~0 on each. Scene and referring
+classification (chance 0.25 / 0.20), relation and box Acc@0.5 stayed at chance in that budget;
+they are reported in metrics.json, not asserted (see the session note for issue 7).
 """
 
 import json
@@ -27,8 +28,10 @@ def test_tiny_preset_learns_on_synthetic_data(tmp_path):
                   f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'data'}"],
                  cwd=ROOT, env=env, check=True, timeout=2400)
   metrics = json.loads((workdir / "metrics.json").read_text())
-  assert metrics["step"] == 300
-  assert metrics["eval/image_caption/CIDEr"] >= 0.6
-  assert metrics["eval/region_caption/CIDEr"] >= 0.5
+  assert metrics["step"] == 800
+  assert metrics["eval/image_caption/CIDEr"] >= 0.9
+  assert metrics["eval/region_caption/CIDEr"] >= 0.65
+  assert metrics["eval/vqa/vqa_accuracy"] >= 0.3
+  assert metrics["eval/referring_segmentation/gIoU"] >= 0.07
   assert metrics["eval/score"] >= 0.3
-  assert metrics["loss"] < 2.5  # from ~6.3 (ln 512 plus mask terms) at step 1
+  assert metrics["loss"] < 2.0  # from ~6.3 (ln 512 plus mask terms) at step 1

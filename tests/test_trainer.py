@@ -21,7 +21,7 @@ def _setup(config, mesh):
 
 @pytest.fixture(scope="module")
 def config():
-  return tiny_config()
+  return tiny_config(warmup_steps=0)  # the first step moves the params (warmup starts at lr 0)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,14 @@ def test_sharded_step_equals_single_device(config, single, sharded, mesh_1, mesh
   for key in ("loss", "ce", "mask_bce", "mask_dice", "grad_norm"):
     np.testing.assert_allclose(float(m_1[key]), float(m_8[key]), rtol=2e-5, err_msg=key)
   assert float(m_1["masks"]) == config.train.batch_size
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
+  before = _host(state_1.trainable)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), before, _host(new_1.trainable))
+  # Adam's first step moves each parameter with a gradient by about the learning rate.
+  assert max(jax.tree.leaves(moved)) > 0.5 * config.train.learning_rate
+  # Adam divides by |g| + eps, so a gradient element near eps amplifies fp32 reduction-order
+  # differences (seen: 1.8e-5 on one of 11008 elements); the two steps agree to 1 % of a step.
+  step_tol = 1e-2 * config.train.learning_rate
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=step_tol),
                _host(new_1.trainable), _host(new_8.trainable))
 
 
