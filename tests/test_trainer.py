@@ -21,7 +21,10 @@ def _setup(config, mesh):
 
 @pytest.fixture(scope="module")
 def config():
-  return tiny_config(warmup_steps=0)  # the first step moves the params (warmup starts at lr 0)
+  # warmup 0: the first step moves the params (warmup starts at lr 0). Adam's first update is
+  # lr * g / (|g| + eps); eps 1e-3 keeps it from amplifying the fp32 reduction-order noise of
+  # gradients near 0 (with eps 1e-8 such elements differed by up to ~lr between meshes).
+  return tiny_config(warmup_steps=0, adam_eps=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +82,7 @@ def test_sharded_step_equals_single_device(config, single, sharded, mesh_1, mesh
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), before, _host(new_1.trainable))
   # Adam's first step moves each parameter with a gradient by about the learning rate.
   assert max(jax.tree.leaves(moved)) > 0.5 * config.train.learning_rate
-  # Adam divides by |g| + eps, so a gradient element near eps amplifies fp32 reduction-order
-  # differences (seen: 1.8e-5 on one of 11008 elements); the two steps agree to 1 % of a step.
-  step_tol = 1e-2 * config.train.learning_rate
+  step_tol = 1e-3 * config.train.learning_rate  # a thousandth of a step
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=step_tol),
                _host(new_1.trainable), _host(new_8.trainable))
 
