@@ -1,5 +1,7 @@
 """The sharded train step: 8-device mesh == 1 device, NaN safety, restore across meshes, LoRA."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,7 +120,8 @@ def test_restore_onto_other_meshes(tmp_path, config, sharded):
 
 @pytest.mark.slow
 def test_grad_accumulation_equals_full_batch(config, mesh_1, single):
-  accum_config = tiny_config(grad_accum_steps=2)
+  accum_config = copy.deepcopy(config)  # the same optimizer as the fixture's full-batch step
+  accum_config.train.grad_accum_steps = 2
   _, _, state, _, step_full = single
   model = trainer.build_model(accum_config)
   optimizer = trainer.make_optimizer(accum_config, model)
