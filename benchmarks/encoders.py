@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import jax
-
-from earthgptx_jax import perf
 import jax.numpy as jnp
 import numpy as np
 import torch
 
 from configs import fusion
+from earthgptx_jax import perf
 from earthgptx_jax.convert import vision as convert
 from earthgptx_jax.models import convnext as convnext_lib
 from earthgptx_jax.models import vit as vit_lib

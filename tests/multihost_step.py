@@ -16,7 +16,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 from flax import linen as nn  # noqa: E402
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from model_fixtures import random_batch, tiny_config  # noqa: E402
