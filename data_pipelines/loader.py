@@ -31,12 +31,13 @@ outside `absl.app.run` call `absl.flags.FLAGS.mark_as_parsed()` first.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import grain
@@ -366,6 +367,51 @@ class BatchIterator(grain.DatasetIterator):
     self.bad = np.asarray(state["bad_records"], np.int64)
 
 
+class StagedBatchIterator(grain.DatasetIterator):
+  """An alignment stage, then the full mixture, in one run (LLaVA trains its projector on
+  captions before instruction tuning; here both stages train the same parameters).
+
+  The first `alignment_batches` batches come from `alignment` (records of
+  `data.alignment_tasks` only), the rest from `main`. Why: in a many-task mixture from random
+  encoders, the answers that need the image (land cover, object classes) stay at chance for the
+  tiny preset's whole budget, while a short stage of image-level questions first ties the
+  image tokens to words that the later tasks build on (measured in the README's run).
+
+  Its state holds both positions and the batch count, so a resume in either stage is exact.
+  """
+
+  def __init__(self, alignment: BatchIterator, main: BatchIterator, alignment_batches: int):
+    super().__init__([alignment, main])
+    self._alignment, self._main = alignment, main
+    self.alignment_batches = alignment_batches
+    self.batches = 0
+
+  @property
+  def good_records(self) -> int:
+    return self._alignment.good_records + self._main.good_records
+
+  @property
+  def bad_records(self) -> dict[str, int]:
+    totals = collections.Counter(self._alignment.bad_records)
+    totals.update(self._main.bad_records)
+    return dict(totals)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    stage = self._alignment if self.batches < self.alignment_batches else self._main
+    batch = next(stage)
+    self.batches += 1
+    return batch
+
+  def get_state(self):
+    return {"batches": self.batches, "alignment": self._alignment.get_state(),
+            "main": self._main.get_state()}
+
+  def set_state(self, state):
+    self._alignment.set_state(state["alignment"])
+    self._main.set_state(state["main"])
+    self.batches = int(state["batches"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Pipelines.
 
@@ -462,12 +508,26 @@ def mixed_indices(config: ml_collections.ConfigDict, sizes: Mapping[str, int], p
   return grain.IterDataset.mix(components, weights)
 
 
+class _HasTask:
+  """Keeps stored records whose task is one of `tasks`."""
+
+  def __init__(self, tasks: Sequence[str]):
+    self.tasks = frozenset(tasks)
+
+  def __call__(self, features: Mapping[str, Any]) -> bool:
+    task = features["task"]
+    return (task.decode("utf-8") if isinstance(task, bytes) else str(task)) in self.tasks
+
+
 def mixed_records(config: ml_collections.ConfigDict, split: str, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """The mixture of `mixed_indices`, read: stored feature dicts of every source."""
+                  process_count: int = 1, tasks: Sequence[str] | None = None
+                  ) -> grain.IterDataset:
+  """The mixture of `mixed_indices`, read: stored feature dicts of every source (only those
+  of `tasks` when given)."""
   sources = {name: _source(config, name, split) for name in _weights(config)}
   sizes = {name: len(source) for name, source in sources.items()}
-  return mixed_indices(config, sizes, process_index, process_count).map(_Read(sources))
+  records = mixed_indices(config, sizes, process_index, process_count).map(_Read(sources))
+  return records.filter(_HasTask(tasks)) if tasks is not None else records
 
 
 def make_batches(records: grain.IterDataset, config: ml_collections.ConfigDict, tokenizer,
@@ -484,8 +544,10 @@ def make_batches(records: grain.IterDataset, config: ml_collections.ConfigDict, 
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, tokenizer, split: str | None = None,
-                        process_index: int = 0, process_count: int = 1) -> BatchIterator:
-  """Endless, mixed, checkpointable iterator of this process's train batches.
+                        process_index: int = 0, process_count: int = 1
+                        ) -> BatchIterator | StagedBatchIterator:
+  """Endless, mixed, checkpointable iterator of this process's train batches; with
+  `train.alignment_steps` > 0, its first batches hold only `data.alignment_tasks`.
 
   Each process gets train.batch_size // process_count examples per batch (its part of the
   global batch).
@@ -494,9 +556,21 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer, split: str
   if batch_size % process_count:
     raise ValueError(f"train.batch_size: {batch_size} is not divisible by {process_count} "
                      "processes")
-  records = mixed_records(config, split or config.data.train_split, process_index,
-                          process_count)
-  return make_batches(records, config, tokenizer, batch_size // process_count).__iter__()
+  split = split or config.data.train_split
+
+  def batches(tasks=None) -> BatchIterator:
+    records = mixed_records(config, split, process_index, process_count, tasks)
+    return make_batches(records, config, tokenizer, batch_size // process_count).__iter__()
+
+  alignment_steps = int(config.train.get("alignment_steps", 0) or 0)
+  if alignment_steps <= 0:
+    return batches()
+  tasks = tuple(config.data.alignment_tasks)
+  unknown = [t for t in tasks if t not in schema.TASKS]
+  if not tasks or unknown:
+    raise ValueError(f"data.alignment_tasks: {tasks!r} must name tasks of {schema.TASKS} "
+                     f"(unknown: {unknown})")
+  return StagedBatchIterator(batches(tasks), batches(), alignment_steps)
 
 
 class EvalBatch(NamedTuple):
@@ -561,7 +635,8 @@ class Data:
   tokenizer: Any
   task_names: tuple[str, ...] = schema.TASKS
 
-  def train_iterator(self, process_index: int = 0, process_count: int = 1) -> BatchIterator:
+  def train_iterator(self, process_index: int = 0, process_count: int = 1
+                     ) -> BatchIterator | StagedBatchIterator:
     return make_train_iterator(self.config, self.tokenizer, None, process_index, process_count)
 
   def eval_iterator(self, process_index: int = 0, process_count: int = 1, **kwargs

@@ -186,6 +186,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   total_steps = int(config.train.steps)
   step = int(state.step)
+  alignment_steps = int(config.train.get("alignment_steps", 0) or 0)
+  if step < alignment_steps:
+    _log(f"alignment stage: steps {step + 1}-{alignment_steps} train on "
+         f"{', '.join(config.data.alignment_tasks)} only, then on the whole mixture")
   last = {}
   batch = first
   while step < total_steps:

@@ -24,6 +24,7 @@ def config(tmp_path_factory):
   config.data.synthetic.num_train = 90
   config.data.synthetic.num_eval = 12
   config.train.batch_size = 4
+  config.train.alignment_steps = 0  # the plain mixture; the staged one has its own test
   builders.ensure_synthetic(config.data.data_dir, config)
   return config
 
@@ -263,6 +264,29 @@ def test_bad_records_are_counted_skipped_and_abort_above_the_fraction(config, to
   strict = loader.make_batches(ds, cfg, tokenizer, 5).__iter__()
   with pytest.raises(loader.BadRecordFractionError, match="data.max_bad_fraction"):
     list(strict)
+
+
+def test_alignment_stage_then_the_mixture_and_exact_resume_across_the_switch(config, tokenizer):
+  staged = config.copy_and_resolve_references()
+  staged.train.alignment_steps = 3
+  staged.data.alignment_tasks = ("scene_classification",)
+  it = loader.make_train_iterator(staged, tokenizer)
+  done = [next(it) for _ in range(2)]
+  state = it.get_state()
+  rest = [next(it) for _ in range(4)]
+  scene = schema.TASKS.index("scene_classification")
+  assert all((b["task_id"] == scene).all() for b in done + rest[:1])
+  assert any((b["task_id"] != scene).any() for b in rest[1:])
+  assert it.good_records == 6 * staged.train.batch_size
+  resumed = loader.make_train_iterator(staged, tokenizer)
+  resumed.set_state(state)
+  for a in rest:
+    b = next(resumed)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  staged.data.alignment_tasks = ("scene_classification", "land_cover")
+  with pytest.raises(ValueError, match="data.alignment_tasks.*land_cover"):
+    loader.make_train_iterator(staged, tokenizer)
 
 
 @pytest.mark.slow
