@@ -80,10 +80,12 @@ def batch_shapes(config, batch_size: int) -> dict[str, tuple[tuple[int, ...], np
 
 
 def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
-  """An all-zeros batch with the right shapes (model init and compile; never trained on)."""
+  """An all-zeros batch (identity view affines) with the right shapes, for model init and
+  compile; never trained on."""
   batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(config,
                                                                            batch_size).items()}
   batch["vp_token_index"][:] = -1
+  batch["view_affine"][:] = np.array([[1, 0, 0], [0, 1, 0]], np.float32)  # never singular
   return batch
 
 

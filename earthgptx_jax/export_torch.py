@@ -77,6 +77,7 @@ def own_rules(model_config: ml_collections.ConfigDict) -> list[Rule]:
            *_norm(f"{p}.out_norm", f"{p}/out_norm"), *_linear(f"{p}.out", f"{p}/out")]
   i = "integration"
   rules += _linear(f"{i}.image_in", f"{i}/image_in")
+  rules += _linear(f"{i}.image_position", f"{i}/image_position")
   for norm in ("image_norm", "prompt_norm", "cross_query_norm", "cross_context_norm",
                "joint_norm", "final_norm"):
     rules += _norm(f"{i}.{norm}", f"{i}/{norm}")
@@ -283,6 +284,7 @@ def verification_batch(config: ml_collections.ConfigDict, batch_size: int = 2, s
                        ) -> dict[str, np.ndarray]:
   """A random batch honouring batch.py: images, one padding tile in example 0, 1..P prompts of
   each type with their <vp_patch> tokens, text, a [SEG] in the answer, padding at the end."""
+  from data_pipelines import views as views_lib
   from earthgptx_jax import batch as batch_lib
   m = config.model
   ids = m.token_ids
@@ -295,7 +297,8 @@ def verification_batch(config: ml_collections.ConfigDict, batch_size: int = 2, s
   text_ids = np.array([t for t in range(m.llm.vocab_size) if t not in specials])
   b["pixel_values"][:] = rng.uniform(0, 1, b["pixel_values"].shape)
   b["view_valid"][:] = True
-  b["view_affine"][:] = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
+  # A 100 x 160 image's real views: tiles map to their part of the global view.
+  b["view_affine"][:] = views_lib.view_affines(100, 160, s, views - 1)[0]
   for i in range(batch_size):
     if i == 0 and views > 1:
       b["view_valid"][i, -1] = False

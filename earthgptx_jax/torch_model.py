@@ -141,14 +141,30 @@ class PromptEncoder(nn.Module):
     return torch.where(valid[..., None, None], x, 0)
 
 
+def image_token_positions(view_affine, image_size: int, grid: int):
+  """earthgptx.image_token_positions: [B, V, 2, 3] -> [B, V*G*G, 2] in the global view / S."""
+  affine = view_affine.float()
+  centres = (torch.arange(grid, dtype=torch.float32) + 0.5) * (image_size / grid)
+  ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+  xy = torch.stack([xs, ys], -1).reshape(-1, 2)  # [G*G, 2], x fastest
+  linear, shift = affine[..., :2], affine[..., 2]
+  original = torch.einsum("bvij,bvnj->bvni", torch.linalg.inv(linear),
+                          xy[None, None] - shift[:, :, None, :])
+  in_global = (torch.einsum("bij,bvnj->bvni", affine[:, 0, :, :2], original)
+               + affine[:, 0, None, None, :, 2])
+  return (in_global / image_size).reshape(affine.shape[0], -1, 2)
+
+
 class ContentIntegration(nn.Module):
-  """fusion.ContentIntegration: (image [B, N, C_img], image_valid [B, N], prompts [B, P, K, D],
-  prompt_valid [B, P]) -> (image_llm [B, N, H], prompt_llm [B, P, K, H])."""
+  """fusion.ContentIntegration: (image [B, N, C_img], image_positions [B, N, 2], image_valid
+  [B, N], prompts [B, P, K, D], prompt_valid [B, P], the prompt encoder's Fourier Gaussian)
+  -> (image_llm [B, N, H], prompt_llm [B, P, K, H])."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, image_channels: int, llm_width: int):
     super().__init__()
     d, eps, heads = cfg.embed_dim, cfg.layer_norm_eps, cfg.fusion_heads
     self.image_in = nn.Linear(image_channels, d)
+    self.image_position = nn.Linear(2 * cfg.fourier_features, d)
     for name in ("image_norm", "prompt_norm", "cross_query_norm", "cross_context_norm",
                  "joint_norm", "final_norm"):
       setattr(self, name, nn.LayerNorm(d, eps=eps))
@@ -158,12 +174,14 @@ class ContentIntegration(nn.Module):
     self.joint_self_attn = Attention(d, d, heads)
     self.projector = FeedForward(d, llm_width, llm_width)
 
-  def forward(self, image, image_valid, prompts, prompt_valid):
+  def forward(self, image, image_positions, image_valid, prompts, prompt_valid, gaussian):
     b, n, _ = image.shape
     _, p, k, d = prompts.shape
     image_valid = image_valid.bool()
     token_valid = prompt_valid.bool().repeat_interleave(k, dim=1)  # [B, P*K]
     img = self.image_in(torch.where(image_valid[..., None], image, 0))
+    image_positions = torch.where(image_valid[..., None], image_positions, 0.5)
+    img = img + self.image_position(fourier_features(image_positions, gaussian).to(img.dtype))
     prm = torch.where(token_valid[..., None], prompts.reshape(b, p * k, d), 0)
     h = self.image_norm(img)
     img = img + self.image_self_attn(h, h, image_valid)
@@ -384,8 +402,10 @@ class EarthGPTXTorch(nn.Module):
     prompts = self.prompt_encoder(batch["prompt_maps"].to(self.dtype),
                                   batch["prompt_geometry"].to(self.dtype),
                                   batch["prompt_type"], batch["prompt_valid"])
-    image_llm, prompt_llm = self.integration(image_tokens, image_valid, prompts,
-                                             batch["prompt_valid"])
+    positions = image_token_positions(batch["view_affine"], s, g)
+    image_llm, prompt_llm = self.integration(image_tokens, positions, image_valid, prompts,
+                                             batch["prompt_valid"],
+                                             self.prompt_encoder.fourier_gaussian)
     return image_llm, prompt_llm, dense
 
   def forward(self, batch: dict[str, torch.Tensor]):

@@ -17,7 +17,7 @@ from transformers.models.sam import modeling_sam
 from configs import fusion as fusion_config
 from data_pipelines import rasterize, views
 from earthgptx_jax import sharding
-from earthgptx_jax.models import fusion, prompts
+from earthgptx_jax.models import earthgptx, fusion, prompts
 
 LLM_WIDTH = 24
 IMAGE_WIDTH = 20  # C_img: the encoder takes it from its input
@@ -45,6 +45,9 @@ def batch(cfg):
                                     jnp.float32)
   view_valid = np.array([[True, True, True], [True, True, False]])
   out["image_valid"] = jnp.asarray(np.repeat(view_valid, TOKENS_PER_VIEW, axis=1))
+  grid = int(np.sqrt(TOKENS_PER_VIEW))
+  out["image_positions"] = earthgptx.image_token_positions(
+      jnp.asarray(np.stack([affines, affines])), view_size, grid)
   return out
 
 
@@ -57,11 +60,28 @@ def models(cfg, batch):
                    batch["prompt_valid"])
   enc_vars = jax.jit(encoder.init)(k1, *prompt_inputs)
   encode = jax.jit(encoder.apply)
-  int_vars = jax.jit(integration.init)(k2, batch["image_tokens"], batch["image_valid"],
-                                       encode(enc_vars, *prompt_inputs), batch["prompt_valid"])
+  int_vars = jax.jit(integration.init)(k2, batch["image_tokens"], batch["image_positions"],
+                                       batch["image_valid"], encode(enc_vars, *prompt_inputs),
+                                       batch["prompt_valid"])
   integrate = jax.jit(integration.apply)
   return dict(encoder=encoder, integration=integration, enc_vars=enc_vars, int_vars=int_vars,
               encode=encode, integrate=integrate)
+
+
+def test_image_token_positions_map_every_view_cell_into_the_global_view():
+  """Token (i, j) of view v sits at its cell centre, mapped to the original by view v's
+  inverse affine and into the global view by view 0's, over the view side (prompt frame)."""
+  height, width, size, grid = 90, 150, 64, 4
+  affines, valid, _ = views.view_affines(height, width, size, max_tiles=2)
+  assert valid.all()
+  got = np.asarray(earthgptx.image_token_positions(jnp.asarray(affines[None]), size, grid))[0]
+  centres = (np.arange(grid) + 0.5) * size / grid
+  cells = np.stack(np.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)
+  for v in range(3):
+    original = views.apply_affine(cells, views.invert_affine(affines[v]))
+    want = views.apply_affine(original, affines[0]) / size
+    np.testing.assert_allclose(got[v * grid**2:(v + 1) * grid**2], want, atol=1e-5)
+  np.testing.assert_allclose(got[:grid], [[(j + 0.5) / grid, 0.5 / grid] for j in range(grid)])
 
 
 def _encode(models, b):
@@ -70,8 +90,8 @@ def _encode(models, b):
 
 
 def _integrate(models, b, embeds):
-  return models["integrate"](models["int_vars"], b["image_tokens"], b["image_valid"], embeds,
-                             b["prompt_valid"])
+  return models["integrate"](models["int_vars"], b["image_tokens"], b["image_positions"],
+                             b["image_valid"], embeds, b["prompt_valid"])
 
 
 def _permute_prompts(b, order):
@@ -171,7 +191,8 @@ def test_gradients_reach_every_parameter(cfg, models, batch):
     embeds = encoder.apply(enc_vars, batch["prompt_maps"], batch["prompt_geometry"],
                            batch["prompt_type"], batch["prompt_valid"])
     image_llm, prompt_llm = integration.apply(int_vars, batch["image_tokens"],
-                                              batch["image_valid"], embeds, batch["prompt_valid"])
+                                              batch["image_positions"], batch["image_valid"],
+                                              embeds, batch["prompt_valid"])
     return jnp.sum(image_llm * w_image) + jnp.sum(prompt_llm * w_prompt)
 
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(models["enc_vars"], models["int_vars"])
@@ -195,8 +216,8 @@ def test_every_parameter_is_partitioned_and_runs_sharded(cfg, models, batch):
     with nn.logical_axis_rules(sharding.logical_axis_rules()):
       embeds = models["encoder"].apply(v["enc"], b["prompt_maps"], b["prompt_geometry"],
                                        b["prompt_type"], b["prompt_valid"])
-      return models["integration"].apply(v["int"], b["image_tokens"], b["image_valid"], embeds,
-                                         b["prompt_valid"])
+      return models["integration"].apply(v["int"], b["image_tokens"], b["image_positions"],
+                                         b["image_valid"], embeds, b["prompt_valid"])
 
   big = {k: jnp.concatenate([v, v]) for k, v in batch.items()}  # B=4 over data x fsdp
   sharded_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim))

@@ -59,6 +59,24 @@ def splice_tokens(text_embeds, input_ids, vp_token_index, image_embeds, prompt_e
   return jnp.where((vp_token_index >= 0)[..., None], prompt_at.astype(text_embeds.dtype), x)
 
 
+def image_token_positions(view_affine: jax.Array, image_size: int, grid: int) -> jax.Array:
+  """Where each image token sits: [B, V, 2, 3] view affines -> [B, V*G*G, 2].
+
+  Token (i, j) of view v covers cell (i, j) of the view's G x G grid; its centre is mapped
+  back to the original image (inverse of view v's affine), then into the global view (view
+  0's affine), and divided by `image_size`: the frame of batch.py's `prompt_geometry`.
+  """
+  centres = (jnp.arange(grid, dtype=jnp.float32) + 0.5) * (image_size / grid)
+  xy = jnp.stack(jnp.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)  # [G*G, 2]
+  linear, shift = view_affine[..., :2].astype(jnp.float32), view_affine[..., 2]
+  original = jnp.einsum("bvij,bvnj->bvni", jnp.linalg.inv(linear),
+                        xy[None, None] - shift[:, :, None, :])
+  to_global = view_affine[:, :1].astype(jnp.float32)
+  in_global = jnp.einsum("bvij,bvnj->bvni", to_global[..., :2], original) + to_global[
+      :, :, None, :, 2]
+  return (in_global / image_size).reshape(view_affine.shape[0], -1, 2)
+
+
 class EarthGPTX(nn.Module):
   config: ml_collections.ConfigDict  # the `model` section
 
@@ -77,7 +95,9 @@ class EarthGPTX(nn.Module):
     image_valid = jnp.repeat(batch["view_valid"], tokens_per_view, axis=1)
     prompt_embeds = self.prompt_encoder(batch["prompt_maps"], batch["prompt_geometry"],
                                         batch["prompt_type"], batch["prompt_valid"])
-    image_llm, prompt_llm = self.integration(image_tokens, image_valid, prompt_embeds,
+    positions = image_token_positions(batch["view_affine"], self.config.vision.image_size,
+                                      self.config.vision.token_grid)
+    image_llm, prompt_llm = self.integration(image_tokens, positions, image_valid, prompt_embeds,
                                              batch["prompt_valid"])
     return image_llm, prompt_llm, dense
 

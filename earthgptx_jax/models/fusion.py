@@ -31,6 +31,7 @@ fusion_mlp_dim, layer_norm_eps, initializer_range, dtype, param_dtype, remat, at
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -60,6 +61,21 @@ def layer_norm(config, name: str | None = None) -> nn.LayerNorm:
       param_dtype=jnp.dtype(config.param_dtype),
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), name=name)
+
+
+def fourier_gaussian(config: ml_collections.ConfigDict) -> jax.Array:
+  """[2, F] fixed Gaussian frequencies (SAM's `positional_encoding_gaussian_matrix`)."""
+  key = jax.random.key(config.fourier_seed)
+  return config.fourier_scale * jax.random.normal(key, (2, config.fourier_features), jnp.float32)
+
+
+def fourier_features(coords: jax.Array, gaussian: jax.Array) -> jax.Array:
+  """SAM's random-Fourier encoding: coords [..., 2] (x, y) in [0, 1] -> [..., 2F] float32.
+
+  sin / cos of 2 pi (2 coords - 1) @ gaussian, as `PositionEmbeddingRandom._pe_encoding`.
+  """
+  projected = 2 * math.pi * ((2 * coords.astype(jnp.float32) - 1) @ gaussian)
+  return jnp.concatenate([jnp.sin(projected), jnp.cos(projected)], axis=-1)
 
 
 class Attention(nn.Module):
@@ -125,10 +141,16 @@ class ContentIntegration(nn.Module):
   llm_width: int
 
   @nn.compact
-  def __call__(self, image_tokens: jax.Array, image_valid: jax.Array, prompt_embeds: jax.Array,
-               prompt_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """image_tokens [B, N, C_img], image_valid [B, N], prompt_embeds [B, P, K, D],
-    prompt_valid [B, P] -> (image_llm [B, N, H_llm], prompt_llm [B, P, K, H_llm])."""
+  def __call__(self, image_tokens: jax.Array, image_positions: jax.Array, image_valid: jax.Array,
+               prompt_embeds: jax.Array, prompt_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """image_tokens [B, N, C_img], image_positions [B, N, 2], image_valid [B, N],
+    prompt_embeds [B, P, K, D], prompt_valid [B, P]
+    -> (image_llm [B, N, H_llm], prompt_llm [B, P, K, H_llm]).
+
+    image_positions: each token's (x, y) in the global view divided by its side, the frame of
+    `prompt_geometry`; they enter as the prompt encoder's random-Fourier features (one Gaussian,
+    as SAM's image and prompt encodings share theirs), so a prompt token can find the image
+    tokens under its prompt by content-free position matching."""
     cfg = self.config
     b, n, _ = image_tokens.shape
     _, p, k, d = prompt_embeds.shape
@@ -138,6 +160,8 @@ class ContentIntegration(nn.Module):
     if image_valid.shape != (b, n) or prompt_valid.shape != (b, p):
       raise ValueError(f"image_valid {image_valid.shape} / prompt_valid {prompt_valid.shape}: "
                        f"expected {(b, n)} / {(b, p)}")
+    if image_positions.shape != (b, n, 2):
+      raise ValueError(f"image_positions: expected {(b, n, 2)}, got {image_positions.shape}")
     attn = nn.remat(Attention) if cfg.remat else Attention
     ffn = nn.remat(FeedForward) if cfg.remat else FeedForward
     image_valid = image_valid.astype(bool)
@@ -146,6 +170,10 @@ class ContentIntegration(nn.Module):
     # Padding is zeroed on entry so that nothing in it (even NaN) reaches a valid token.
     image_tokens = jnp.where(image_valid[..., None], image_tokens, 0)
     img = dense(d, (None, "vit_embed"), cfg, name="image_in")(image_tokens)  # [B, N, D]
+    image_positions = jnp.where(image_valid[..., None], image_positions, 0.5)
+    position = fourier_features(image_positions, fourier_gaussian(cfg))  # [B, N, 2F]
+    img = img + dense(d, (None, "vit_embed"), cfg, name="image_position")(
+        position.astype(img.dtype))
     img = nn.with_logical_constraint(img, _TOKENS)
     prm = prompt_embeds.reshape(b, p * k, d).astype(img.dtype)  # [B, P*K, D]
     prm = jnp.where(token_valid[..., None], prm, jnp.zeros((), prm.dtype))

@@ -30,33 +30,17 @@ param_dtype, attention_impl.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
 from earthgptx_jax.models import vit
-from earthgptx_jax.models.fusion import Attention, FeedForward, dense, layer_norm
+from earthgptx_jax.models.fusion import (Attention, FeedForward, dense, fourier_features,
+                                         fourier_gaussian, layer_norm)
 
 NUM_PROMPT_TYPES = 3  # batch.py's prompt_type: 0 point, 1 box, 2 free-form
 _TOKENS = ("activation_batch", "activation_length", "activation_embed")
-
-
-def fourier_gaussian(config: ml_collections.ConfigDict) -> jax.Array:
-  """[2, F] fixed Gaussian frequencies (SAM's `positional_encoding_gaussian_matrix`)."""
-  key = jax.random.key(config.fourier_seed)
-  return config.fourier_scale * jax.random.normal(key, (2, config.fourier_features), jnp.float32)
-
-
-def fourier_features(coords: jax.Array, gaussian: jax.Array) -> jax.Array:
-  """SAM's random-Fourier encoding: coords [..., 2] (x, y) in [0, 1] -> [..., 2F] float32.
-
-  sin / cos of 2 pi (2 coords - 1) @ gaussian, as `PositionEmbeddingRandom._pe_encoding`.
-  """
-  projected = 2 * math.pi * ((2 * coords.astype(jnp.float32) - 1) @ gaussian)
-  return jnp.concatenate([jnp.sin(projected), jnp.cos(projected)], axis=-1)
 
 
 def check_inputs(config: ml_collections.ConfigDict, prompt_maps, prompt_geometry, prompt_type,
