@@ -60,7 +60,9 @@ def data_dir(tmp_path_factory):
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, data_dir):
   steps = 16
-  every = ["--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=False"]
+  # Killed after step 4 of a 6-step alignment stage: the resumed run crosses the switch.
+  every = ["--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=False",
+           "--config.train.alignment_steps=6"]
   straight = tmp_path / "straight"
   subprocess.run(_train_cmd(straight, data_dir, steps, *every), cwd=ROOT, env=_env(), check=True,
                  timeout=900)
