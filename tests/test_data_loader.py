@@ -190,6 +190,14 @@ def test_mixing_proportions_within_2_percent(config):
                                            "synthetic_rs_infrared")
 
 
+def _assert_continues_with(iterator, expected_batches):
+  for want in expected_batches:
+    got = next(iterator)
+    assert got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def test_resume_from_orbax_gives_identical_batches(config, tokenizer, tmp_path):
   it = loader.make_train_iterator(config, tokenizer)
   for _ in range(2):
@@ -200,11 +208,7 @@ def test_resume_from_orbax_gives_identical_batches(config, tokenizer, tmp_path):
     expected = [next(it) for _ in range(3)]
     fresh = loader.make_train_iterator(config, tokenizer)
     mngr.restore(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
-  for want in expected:
-    got = next(fresh)
-    assert got.keys() == want.keys()
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  _assert_continues_with(fresh, expected)
 
 
 def test_processes_get_disjoint_shards(config, tokenizer):
@@ -280,10 +284,7 @@ def test_alignment_stage_then_the_mixture_and_exact_resume_across_the_switch(con
   assert it.good_records == 6 * staged.train.batch_size
   resumed = loader.make_train_iterator(staged, tokenizer)
   resumed.set_state(state)
-  for a in rest:
-    b = next(resumed)
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  _assert_continues_with(resumed, rest)
   staged.data.alignment_tasks = ("scene_classification", "land_cover")
   with pytest.raises(ValueError, match="data.alignment_tasks.*land_cover"):
     loader.make_train_iterator(staged, tokenizer)
@@ -305,10 +306,7 @@ def test_worker_processes_resume_exactly(config, tokenizer):
   assert {int(m) for b in got + want for m in b["modality_id"]} == {0, 1, 2}
   resumed = loader.make_train_iterator(multi, tokenizer)
   resumed.set_state(state)
-  for a in want:
-    b = next(resumed)
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  _assert_continues_with(resumed, want)
   resumed.close()
 
 
