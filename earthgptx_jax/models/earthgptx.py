@@ -71,9 +71,9 @@ def image_token_positions(view_affine: jax.Array, image_size: int, grid: int) ->
   linear, shift = view_affine[..., :2].astype(jnp.float32), view_affine[..., 2]
   original = jnp.einsum("bvij,bvnj->bvni", jnp.linalg.inv(linear),
                         xy[None, None] - shift[:, :, None, :])
-  to_global = view_affine[:, :1].astype(jnp.float32)
-  in_global = jnp.einsum("bvij,bvnj->bvni", to_global[..., :2], original) + to_global[
-      :, :, None, :, 2]
+  to_global = view_affine[:, :1].astype(jnp.float32)  # [B, 1, 2, 3]: view 0's affine
+  in_global = (jnp.einsum("bvij,bvnj->bvni", to_global[..., :2], original)
+               + to_global[:, :, None, :, 2])
   return (in_global / image_size).reshape(view_affine.shape[0], -1, 2)
 
 

@@ -5,6 +5,7 @@ LLM. One integration block, pre-norm with residuals (`x + f(LN(x))`), at width
 D = config.embed_dim:
 
     image  [B, N, C_img] -> Dense -> (1) self-attention over image tokens ---------------+
+      + Dense(Fourier(position in the global view))                                     |
     prompt [B, P, K, D]  ->          (2) feed-forward over prompt tokens                  |
                                      (3) cross-attention: prompt tokens query the image <-+
     [image ; prompt]                 (4) self-attention over the joint sequence (the "sum")
