@@ -515,8 +515,7 @@ class _HasTask:
     self.tasks = frozenset(tasks)
 
   def __call__(self, features: Mapping[str, Any]) -> bool:
-    task = features["task"]
-    return (task.decode("utf-8") if isinstance(task, bytes) else str(task)) in self.tasks
+    return schema.feature_text(features["task"]) in self.tasks
 
 
 def mixed_records(config: ml_collections.ConfigDict, split: str, process_index: int = 0,

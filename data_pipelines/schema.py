@@ -145,7 +145,8 @@ def to_features(record: Record) -> dict:
   }
 
 
-def _text(v) -> str:
+def feature_text(v) -> str:
+  """A stored text feature (bytes from TFDS, str in memory) as str."""
   return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
@@ -154,7 +155,7 @@ def from_features(features: Mapping) -> Record:
 
   Raises BadRecordError("bad_prompt") when the prompt arrays disagree with each other.
   """
-  kinds = [_text(k) for k in features["prompt_kind"]]
+  kinds = [feature_text(k) for k in features["prompt_kind"]]
   counts = np.asarray(features["prompt_num_points"], np.int64).reshape(-1)
   points = np.asarray(features["prompt_points"], np.float32).reshape(-1, 2)
   prompt_masks = list(features["prompt_mask"])
@@ -168,9 +169,9 @@ def from_features(features: Mapping) -> Record:
       VisualPrompt(kind=k, points=points[offsets[i]:offsets[i + 1]], mask=bytes(prompt_masks[i]))
       for i, k in enumerate(kinds))
   return Record(
-      id=_text(features["id"]), image=bytes(features["image"]),
-      modality=_text(features["modality"]), source=_text(features["source"]),
-      task=_text(features["task"]), turns=tuple(_text(t) for t in features["turns"]),
+      id=feature_text(features["id"]), image=bytes(features["image"]),
+      modality=feature_text(features["modality"]), source=feature_text(features["source"]),
+      task=feature_text(features["task"]), turns=tuple(feature_text(t) for t in features["turns"]),
       prompts=prompts, masks=tuple(bytes(m) for m in features["masks"]))
 
 

@@ -37,7 +37,6 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray
   b["pixel_values"][:] = rng.uniform(0, 1, b["pixel_values"].shape)
   b["view_valid"][:] = True
   b["view_valid"][:, -1] = rng.uniform(size=batch_size) < 0.5
-  b["view_affine"][:] = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
   for i in range(batch_size):
     n_prompts = 1 + i % config.model.prompt.max_prompts
     tokens = [1]  # BOS
