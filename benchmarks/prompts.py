@@ -86,7 +86,8 @@ def bench_model(config) -> None:
       types=jnp.asarray(rng.integers(0, 3, (b, p)), jnp.int32),
       valid=jnp.ones((b, p), bool),
       image=jnp.asarray(rng.normal(size=(b, n, c_img)), jnp.float32),
-      image_positions=jnp.asarray(rng.random((b, n, 2)), jnp.float32),
+      image_cells=jnp.asarray(np.sort(rng.random((b, n, 2, 2)), -2).reshape(b, n, 4),
+                              jnp.float32),
       image_valid=jnp.ones((b, n), bool))
   encoder, integration = prompts.VisualPromptEncoder(cfg), fusion.ContentIntegration(cfg,
                                                                                       llm_width)
@@ -95,13 +96,14 @@ def bench_model(config) -> None:
     k1, k2 = jax.random.split(key)
     enc = encoder.init(k1, x["maps"], x["geometry"], x["types"], x["valid"])
     embeds = encoder.apply(enc, x["maps"], x["geometry"], x["types"], x["valid"])
-    return {"enc": enc, "int": integration.init(k2, x["image"], x["image_positions"],
-                                                x["image_valid"], embeds, x["valid"])}
+    return {"enc": enc, "int": integration.init(k2, x["image"], x["image_cells"],
+                                                x["image_valid"], embeds, x["geometry"],
+                                                x["valid"])}
 
   def forward(v, x):
     embeds = encoder.apply(v["enc"], x["maps"], x["geometry"], x["types"], x["valid"])
-    image_llm, prompt_llm = integration.apply(v["int"], x["image"], x["image_positions"],
-                                              x["image_valid"], embeds, x["valid"])
+    image_llm, prompt_llm = integration.apply(v["int"], x["image"], x["image_cells"],
+                                              x["image_valid"], embeds, x["geometry"], x["valid"])
     return jnp.mean(image_llm.astype(jnp.float32) ** 2) + jnp.mean(prompt_llm ** 2)
 
   variables = jax.jit(init)(jax.random.key(0), inputs)

@@ -55,10 +55,12 @@ def _large_negative(dtype: torch.dtype) -> float:
 
 
 def masked_attention(q, k, v, key_valid=None):
-  """q [B, T, N, H], k / v [B, S, N, H], key_valid [B, S] bool -> [B, T, N, H] (fp32 softmax)."""
+  """q [B, T, N, H], k / v [B, S, N, H], key_valid [B, S] / [B, T, S] bool -> [B, T, N, H]
+  (fp32 softmax)."""
   logits = torch.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(q.shape[-1])
-  if key_valid is not None:
-    logits = logits.masked_fill(~key_valid[:, None, None, :], _large_negative(logits.dtype))
+  if key_valid is not None:  # [B, S] for every query, or [B, T, S]
+    key_valid = key_valid[:, None, None, :] if key_valid.ndim == 2 else key_valid[:, None]
+    logits = logits.masked_fill(~key_valid, _large_negative(logits.dtype))
   weights = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)),
                           dim=-1).to(q.dtype)
   return torch.einsum("bnts,bsnh->btnh", weights, v)
@@ -141,23 +143,36 @@ class PromptEncoder(nn.Module):
     return torch.where(valid[..., None, None], x, 0)
 
 
-def image_token_positions(view_affine, image_size: int, grid: int):
-  """earthgptx.image_token_positions: [B, V, 2, 3] -> [B, V*G*G, 2] in the global view / S."""
+def image_token_cells(view_affine, image_size: int, grid: int):
+  """earthgptx.image_token_cells: [B, V, 2, 3] -> [B, V*G*G, 4] (x1, y1, x2, y2) in the
+  global view / S."""
   affine = view_affine.float()
-  centres = (torch.arange(grid, dtype=torch.float32) + 0.5) * (image_size / grid)
-  ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-  xy = torch.stack([xs, ys], -1).reshape(-1, 2)  # [G*G, 2], x fastest
+  edges = torch.arange(grid + 1, dtype=torch.float32) * (image_size / grid)
+  y1, x1 = torch.meshgrid(edges[:-1], edges[:-1], indexing="ij")
+  y2, x2 = torch.meshgrid(edges[1:], edges[1:], indexing="ij")
+  corners = torch.stack([torch.stack([x1, y1], -1), torch.stack([x2, y2], -1)], -2)
+  corners = corners.reshape(grid * grid * 2, 2)  # x fastest; (top-left, bottom-right)
   linear, shift = affine[..., :2], affine[..., 2]
   original = torch.einsum("bvij,bvnj->bvni", torch.linalg.inv(linear),
-                          xy[None, None] - shift[:, :, None, :])
+                          corners[None, None] - shift[:, :, None, :])
   in_global = (torch.einsum("bij,bvnj->bvni", affine[:, 0, :, :2], original)
-               + affine[:, 0, None, None, :, 2])
-  return (in_global / image_size).reshape(affine.shape[0], -1, 2)
+               + affine[:, 0, None, None, :, 2]) / image_size
+  in_global = in_global.reshape(*in_global.shape[:2], grid * grid, 2, 2)
+  cells = torch.cat([in_global.amin(-2), in_global.amax(-2)], -1)
+  return cells.reshape(affine.shape[0], -1, 4)
+
+
+def cells_under_boxes(cells, boxes):
+  """fusion.cells_under_boxes: [B, N, 4], [B, P, 4] -> [B, P, N] bool."""
+  c, bx = cells[:, None], boxes[:, :, None]
+  return ((c[..., 0] <= bx[..., 2]) & (bx[..., 0] <= c[..., 2])
+          & (c[..., 1] <= bx[..., 3]) & (bx[..., 1] <= c[..., 3]))
 
 
 class ContentIntegration(nn.Module):
-  """fusion.ContentIntegration: (image [B, N, C_img], image_positions [B, N, 2], image_valid
-  [B, N], prompts [B, P, K, D], prompt_valid [B, P], the prompt encoder's Fourier Gaussian)
+  """fusion.ContentIntegration: (image [B, N, C_img], image_cells [B, N, 4], image_valid [B, N],
+  prompts [B, P, K, D], prompt_boxes [B, P, 4], prompt_valid [B, P], the prompt encoder's
+  Fourier Gaussian)
   -> (image_llm [B, N, H], prompt_llm [B, P, K, H])."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, image_channels: int, llm_width: int):
@@ -174,20 +189,23 @@ class ContentIntegration(nn.Module):
     self.joint_self_attn = Attention(d, d, heads)
     self.projector = FeedForward(d, llm_width, llm_width)
 
-  def forward(self, image, image_positions, image_valid, prompts, prompt_valid, gaussian):
+  def forward(self, image, image_cells, image_valid, prompts, prompt_boxes, prompt_valid,
+              gaussian):
     b, n, _ = image.shape
     _, p, k, d = prompts.shape
     image_valid = image_valid.bool()
     token_valid = prompt_valid.bool().repeat_interleave(k, dim=1)  # [B, P*K]
     img = self.image_in(torch.where(image_valid[..., None], image, 0))
-    image_positions = torch.where(image_valid[..., None], image_positions, 0.5)
-    img = img + self.image_position(fourier_features(image_positions, gaussian).to(img.dtype))
+    centres = torch.where(image_valid[..., None], (image_cells[..., :2] + image_cells[..., 2:]) / 2,
+                          0.5)
+    img = img + self.image_position(fourier_features(centres, gaussian).to(img.dtype))
     prm = torch.where(token_valid[..., None], prompts.reshape(b, p * k, d), 0)
     h = self.image_norm(img)
     img = img + self.image_self_attn(h, h, image_valid)
     prm = prm + self.prompt_ffn(self.prompt_norm(prm))
+    under = cells_under_boxes(image_cells, prompt_boxes).repeat_interleave(k, dim=1)
     prm = prm + self.cross_attn(self.cross_query_norm(prm), self.cross_context_norm(img),
-                                image_valid)
+                                under & image_valid[:, None])
     x = torch.cat([img, prm], dim=1)
     valid = torch.cat([image_valid, token_valid], dim=1)
     h = self.joint_norm(x)
@@ -402,8 +420,9 @@ class EarthGPTXTorch(nn.Module):
     prompts = self.prompt_encoder(batch["prompt_maps"].to(self.dtype),
                                   batch["prompt_geometry"].to(self.dtype),
                                   batch["prompt_type"], batch["prompt_valid"])
-    positions = image_token_positions(batch["view_affine"], s, g)
-    image_llm, prompt_llm = self.integration(image_tokens, positions, image_valid, prompts,
+    cells = image_token_cells(batch["view_affine"], s, g)
+    image_llm, prompt_llm = self.integration(image_tokens, cells, image_valid, prompts,
+                                             batch["prompt_geometry"].float(),
                                              batch["prompt_valid"],
                                              self.prompt_encoder.fourier_gaussian)
     return image_llm, prompt_llm, dense

@@ -46,7 +46,7 @@ def batch(cfg):
   view_valid = np.array([[True, True, True], [True, True, False]])
   out["image_valid"] = jnp.asarray(np.repeat(view_valid, TOKENS_PER_VIEW, axis=1))
   grid = int(np.sqrt(TOKENS_PER_VIEW))
-  out["image_positions"] = earthgptx.image_token_positions(
+  out["image_cells"] = earthgptx.image_token_cells(
       jnp.asarray(np.stack([affines, affines])), view_size, grid)
   return out
 
@@ -60,28 +60,70 @@ def models(cfg, batch):
                    batch["prompt_valid"])
   enc_vars = jax.jit(encoder.init)(k1, *prompt_inputs)
   encode = jax.jit(encoder.apply)
-  int_vars = jax.jit(integration.init)(k2, batch["image_tokens"], batch["image_positions"],
+  int_vars = jax.jit(integration.init)(k2, batch["image_tokens"], batch["image_cells"],
                                        batch["image_valid"], encode(enc_vars, *prompt_inputs),
-                                       batch["prompt_valid"])
+                                       batch["prompt_geometry"], batch["prompt_valid"])
   integrate = jax.jit(integration.apply)
   return dict(encoder=encoder, integration=integration, enc_vars=enc_vars, int_vars=int_vars,
               encode=encode, integrate=integrate)
 
 
-def test_image_token_positions_map_every_view_cell_into_the_global_view():
-  """Token (i, j) of view v sits at its cell centre, mapped to the original by view v's
-  inverse affine and into the global view by view 0's, over the view side (prompt frame)."""
+def test_image_token_cells_map_every_view_cell_into_the_global_view():
+  """Token (i, j) of view v covers its cell, mapped to the original by view v's inverse affine
+  and into the global view by view 0's, over the view side (the prompt frame)."""
   height, width, size, grid = 90, 150, 64, 4
   affines, valid, _ = views.view_affines(height, width, size, max_tiles=2)
   assert valid.all()
-  got = np.asarray(earthgptx.image_token_positions(jnp.asarray(affines[None]), size, grid))[0]
-  centres = (np.arange(grid) + 0.5) * size / grid
-  cells = np.stack(np.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)
+  got = np.asarray(earthgptx.image_token_cells(jnp.asarray(affines[None]), size, grid))[0]
+  edges = np.arange(grid + 1) * size / grid
   for v in range(3):
-    original = views.apply_affine(cells, views.invert_affine(affines[v]))
-    want = views.apply_affine(original, affines[0]) / size
-    np.testing.assert_allclose(got[v * grid**2:(v + 1) * grid**2], want, atol=1e-5)
-  np.testing.assert_allclose(got[:grid], [[(j + 0.5) / grid, 0.5 / grid] for j in range(grid)])
+    for corner, (ex, ey) in ((slice(0, 2), (edges[:-1], edges[:-1])),
+                             (slice(2, 4), (edges[1:], edges[1:]))):
+      xy = np.stack(np.meshgrid(ex, ey, indexing="xy"), -1).reshape(-1, 2)
+      original = views.apply_affine(xy, views.invert_affine(affines[v]))
+      want = views.apply_affine(original, affines[0]) / size
+      np.testing.assert_allclose(got[v * grid**2:(v + 1) * grid**2, corner], want, atol=1e-5)
+  np.testing.assert_allclose(got[:grid], [[j / grid, 0, (j + 1) / grid, 1 / grid]
+                                          for j in range(grid)], atol=1e-6)
+  # Two zoom tiles split the image: each tile cell is half a global cell wide.
+  tile_width = got[grid**2:, 2] - got[grid**2:, 0]
+  np.testing.assert_allclose(tile_width, (got[0, 2] - got[0, 0]) / 2, rtol=1e-5)
+
+
+def test_cells_under_boxes():
+  cells = earthgptx.image_token_cells(jnp.asarray(np.eye(2, 3, dtype=np.float32)[None, None]),
+                                      64, 4)  # the identity view: 4 x 4 cells of 1/4
+  boxes = jnp.asarray([[[0.1, 0.1, 0.1, 0.1],  # a point inside cell (0, 0)
+                        [0.3, 0.6, 0.55, 0.7],  # a box over cells x 1..2, y 2
+                        [0.5, 0.5, 0.5, 0.5]]])  # a point on the corner of four cells
+  under = np.asarray(fusion.cells_under_boxes(cells, boxes))[0].reshape(3, 4, 4)  # [P, y, x]
+  expected = np.zeros((3, 4, 4), bool)
+  expected[0, 0, 0] = True
+  expected[1, 2, 1:3] = True
+  expected[2, 1:3, 1:3] = True
+  np.testing.assert_array_equal(under, expected)
+
+
+def test_prompt_tokens_read_only_the_image_under_their_prompt(models, batch):
+  """With both self-attentions silenced (their weights zeroed: they mix all image tokens), a
+  prompt token sees the image only through the masked cross-attention: changing image tokens
+  away from a prompt leaves its tokens alone; changing one under it moves them."""
+  mixing = ("image_self_attn", "joint_self_attn")
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 0 if any(m in jax.tree_util.keystr(path) for m in mixing) else x,
+      models["int_vars"])
+  silenced = dict(models, int_vars=variables)
+  embeds = _encode(models, batch)
+  under = np.asarray(fusion.cells_under_boxes(batch["image_cells"], batch["prompt_geometry"]))
+  point_cells = under[0, 0]  # example 0, prompt 0 (the point)
+  assert 0 < point_cells.sum() < point_cells.size
+  _, prompt_llm = _integrate(silenced, batch, embeds)
+  away = dict(batch, image_tokens=batch["image_tokens"].at[0, ~point_cells].multiply(3.0))
+  _, prompt_away = _integrate(silenced, away, embeds)
+  np.testing.assert_allclose(prompt_away[0, 0], prompt_llm[0, 0], atol=1e-6)
+  assert _relative_change(prompt_away[0, 1], prompt_llm[0, 1]) > 1e-3  # the box's cells moved
+  near = dict(batch, image_tokens=batch["image_tokens"].at[0, point_cells].multiply(3.0))
+  assert _relative_change(_integrate(silenced, near, embeds)[1][0, 0], prompt_llm[0, 0]) > 1e-3
 
 
 def _encode(models, b):
@@ -90,8 +132,8 @@ def _encode(models, b):
 
 
 def _integrate(models, b, embeds):
-  return models["integrate"](models["int_vars"], b["image_tokens"], b["image_positions"],
-                             b["image_valid"], embeds, b["prompt_valid"])
+  return models["integrate"](models["int_vars"], b["image_tokens"], b["image_cells"],
+                             b["image_valid"], embeds, b["prompt_geometry"], b["prompt_valid"])
 
 
 def _permute_prompts(b, order):
@@ -191,8 +233,9 @@ def test_gradients_reach_every_parameter(cfg, models, batch):
     embeds = encoder.apply(enc_vars, batch["prompt_maps"], batch["prompt_geometry"],
                            batch["prompt_type"], batch["prompt_valid"])
     image_llm, prompt_llm = integration.apply(int_vars, batch["image_tokens"],
-                                              batch["image_positions"], batch["image_valid"],
-                                              embeds, batch["prompt_valid"])
+                                              batch["image_cells"], batch["image_valid"],
+                                              embeds, batch["prompt_geometry"],
+                                              batch["prompt_valid"])
     return jnp.sum(image_llm * w_image) + jnp.sum(prompt_llm * w_prompt)
 
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(models["enc_vars"], models["int_vars"])
@@ -216,8 +259,9 @@ def test_every_parameter_is_partitioned_and_runs_sharded(cfg, models, batch):
     with nn.logical_axis_rules(sharding.logical_axis_rules()):
       embeds = models["encoder"].apply(v["enc"], b["prompt_maps"], b["prompt_geometry"],
                                        b["prompt_type"], b["prompt_valid"])
-      return models["integration"].apply(v["int"], b["image_tokens"], b["image_positions"],
-                                         b["image_valid"], embeds, b["prompt_valid"])
+      return models["integration"].apply(v["int"], b["image_tokens"], b["image_cells"],
+                                         b["image_valid"], embeds, b["prompt_geometry"],
+                                         b["prompt_valid"])
 
   big = {k: jnp.concatenate([v, v]) for k, v in batch.items()}  # B=4 over data x fsdp
   sharded_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim))

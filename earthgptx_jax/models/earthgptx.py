@@ -59,22 +59,28 @@ def splice_tokens(text_embeds, input_ids, vp_token_index, image_embeds, prompt_e
   return jnp.where((vp_token_index >= 0)[..., None], prompt_at.astype(text_embeds.dtype), x)
 
 
-def image_token_positions(view_affine: jax.Array, image_size: int, grid: int) -> jax.Array:
-  """Where each image token sits: [B, V, 2, 3] view affines -> [B, V*G*G, 2].
+def image_token_cells(view_affine: jax.Array, image_size: int, grid: int) -> jax.Array:
+  """Where each image token sits: [B, V, 2, 3] view affines -> cells [B, V*G*G, 4].
 
-  Token (i, j) of view v covers cell (i, j) of the view's G x G grid; its centre is mapped
-  back to the original image (inverse of view v's affine), then into the global view (view
-  0's affine), and divided by `image_size`: the frame of batch.py's `prompt_geometry`.
+  Token (i, j) of view v covers cell (i, j) of the view's G x G grid. The cell's corners are
+  mapped back to the original image (inverse of view v's affine), then into the global view
+  (view 0's affine), and divided by `image_size`: (x1, y1, x2, y2) in the frame of batch.py's
+  `prompt_geometry`. Zoom tiles give smaller cells than the global view.
   """
-  centres = (jnp.arange(grid, dtype=jnp.float32) + 0.5) * (image_size / grid)
-  xy = jnp.stack(jnp.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)  # [G*G, 2]
+  edges = jnp.arange(grid + 1, dtype=jnp.float32) * (image_size / grid)
+  x1, y1 = jnp.meshgrid(edges[:-1], edges[:-1], indexing="xy")
+  x2, y2 = jnp.meshgrid(edges[1:], edges[1:], indexing="xy")
+  corners = jnp.stack([jnp.stack([x1, y1], -1), jnp.stack([x2, y2], -1)], -2)
+  corners = corners.reshape(1, 1, grid * grid * 2, 2)  # x fastest, then y; (top-left, bottom-right)
   linear, shift = view_affine[..., :2].astype(jnp.float32), view_affine[..., 2]
-  original = jnp.einsum("bvij,bvnj->bvni", jnp.linalg.inv(linear),
-                        xy[None, None] - shift[:, :, None, :])
+  original = jnp.einsum("bvij,bvnj->bvni", jnp.linalg.inv(linear), corners - shift[:, :, None, :])
   to_global = view_affine[:, :1].astype(jnp.float32)  # [B, 1, 2, 3]: view 0's affine
   in_global = (jnp.einsum("bvij,bvnj->bvni", to_global[..., :2], original)
-               + to_global[:, :, None, :, 2])
-  return (in_global / image_size).reshape(view_affine.shape[0], -1, 2)
+               + to_global[:, :, None, :, 2]) / image_size
+  in_global = in_global.reshape(*in_global.shape[:2], grid * grid, 2, 2)
+  # min / max keep (x1, y1) <= (x2, y2) under any affine that flips an axis.
+  cells = jnp.concatenate([in_global.min(-2), in_global.max(-2)], -1)
+  return cells.reshape(view_affine.shape[0], -1, 4)
 
 
 class EarthGPTX(nn.Module):
@@ -95,10 +101,10 @@ class EarthGPTX(nn.Module):
     image_valid = jnp.repeat(batch["view_valid"], tokens_per_view, axis=1)
     prompt_embeds = self.prompt_encoder(batch["prompt_maps"], batch["prompt_geometry"],
                                         batch["prompt_type"], batch["prompt_valid"])
-    positions = image_token_positions(batch["view_affine"], self.config.vision.image_size,
-                                      self.config.vision.token_grid)
-    image_llm, prompt_llm = self.integration(image_tokens, positions, image_valid, prompt_embeds,
-                                             batch["prompt_valid"])
+    cells = image_token_cells(batch["view_affine"], self.config.vision.image_size,
+                              self.config.vision.token_grid)
+    image_llm, prompt_llm = self.integration(image_tokens, cells, image_valid, prompt_embeds,
+                                             batch["prompt_geometry"], batch["prompt_valid"])
     return image_llm, prompt_llm, dense
 
   def embed_inputs(self, batch, image_llm, prompt_llm):

@@ -5,9 +5,10 @@ LLM. One integration block, pre-norm with residuals (`x + f(LN(x))`), at width
 D = config.embed_dim:
 
     image  [B, N, C_img] -> Dense -> (1) self-attention over image tokens ---------------+
-      + Dense(Fourier(position in the global view))                                     |
+      + Dense(Fourier(cell centre in the global view))                                  |
     prompt [B, P, K, D]  ->          (2) feed-forward over prompt tokens                  |
                                      (3) cross-attention: prompt tokens query the image <-+
+                                         tokens whose cell touches the prompt's box
     [image ; prompt]                 (4) self-attention over the joint sequence (the "sum")
                                      LayerNorm -> projector MLP (LLaVA mlp2x_gelu) -> H_llm
 
@@ -17,10 +18,17 @@ tokens the keys/values. The LLM reads the K tokens at each `<vpk>` placeholder; 
 prompt token should read out image features where its prompt is - the prompt-to-image direction
 of SAM's two-way transformer and of Q-Former/Resampler read-outs. The reverse direction (image
 queries prompts) would leave the prompt tokens shape-only, and an example with no prompt would
-give every image token an all-masked attention row. The image tokens still see the prompts in
-step (4), where image and prompt tokens attend to each other jointly, so that several prompts
-can relate to one another ("how is <vp1> placed relative to <vp2>?") and image tokens become
-prompt-aware.
+give every image token an all-masked attention row.
+
+Where to read (step 3 is masked attention, as Mask2Former's decoder): a prompt token attends only
+to image tokens whose cell (earthgptx.image_token_cells; zoom tiles have finer cells) touches
+the prompt's bounding box (`prompt_geometry`; a point is a zero-size box), so prompt tokens
+read their region's content by construction instead of having to learn where their prompt is
+from position features. The cell positions still enter the image tokens (Fourier features of
+the cell centres, through the prompt encoder's Gaussian, as SAM's image and prompt encodings
+share one). Prompts see the whole image, and the image tokens see the prompts, in step (4),
+where image and prompt tokens attend to each other jointly, so that several prompts can relate
+to one another ("how is <vp1> placed relative to <vp2>?") and image tokens become prompt-aware.
 
 Padding image tokens (padding zoom tiles) and absent prompts are masked as keys everywhere and
 their outputs are zeros, so they change nothing else; prompts carry no order embedding, so
@@ -79,11 +87,22 @@ def fourier_features(coords: jax.Array, gaussian: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.sin(projected), jnp.cos(projected)], axis=-1)
 
 
+def cells_under_boxes(cells: jax.Array, boxes: jax.Array) -> jax.Array:
+  """cells [B, N, 4], boxes [B, P, 4] (x1, y1, x2, y2) -> [B, P, N]: cell n touches box p.
+
+  Closed intervals, so a point (a zero-size box) touches the cells around it and, as the global
+  view's cells tile the whole frame, every box inside the frame touches at least one cell."""
+  c, bx = cells[:, None], boxes[:, :, None]
+  return ((c[..., 0] <= bx[..., 2]) & (bx[..., 0] <= c[..., 2])
+          & (c[..., 1] <= bx[..., 3]) & (bx[..., 1] <= c[..., 3]))
+
+
 class Attention(nn.Module):
   """Multi-head attention, queries x [B, T, D] over context [B, S, D'] -> [B, T, D].
 
-  `key_valid` [B, S] bool masks keys; a query whose keys are all masked gets a finite average
-  (see attention.py) that callers zero out.
+  `key_valid` bool masks keys, the same for every query ([B, S]) or per query ([B, T, S]); a
+  query whose keys are all masked gets a finite average (see attention.py) that callers zero
+  out.
   """
   config: ml_collections.ConfigDict
   num_heads: int
@@ -102,7 +121,8 @@ class Attention(nn.Module):
 
     out = attention.dot_product_attention(
         project(x, "query"), project(context, "key"), project(context, "value"),
-        mask=key_valid[:, None, None, :], implementation=self.config.attention_impl)
+        mask=key_valid[:, None, None, :] if key_valid.ndim == 2 else key_valid[:, None],
+        implementation=self.config.attention_impl)
     out = out.reshape(out.shape[:2] + (width,))
     return dense(width, ("vit_heads", "vit_embed"), self.config, name="out")(out)
 
@@ -142,16 +162,15 @@ class ContentIntegration(nn.Module):
   llm_width: int
 
   @nn.compact
-  def __call__(self, image_tokens: jax.Array, image_positions: jax.Array, image_valid: jax.Array,
-               prompt_embeds: jax.Array, prompt_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """image_tokens [B, N, C_img], image_positions [B, N, 2], image_valid [B, N],
-    prompt_embeds [B, P, K, D], prompt_valid [B, P]
+  def __call__(self, image_tokens: jax.Array, image_cells: jax.Array, image_valid: jax.Array,
+               prompt_embeds: jax.Array, prompt_boxes: jax.Array,
+               prompt_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """image_tokens [B, N, C_img], image_cells [B, N, 4], image_valid [B, N],
+    prompt_embeds [B, P, K, D], prompt_boxes [B, P, 4], prompt_valid [B, P]
     -> (image_llm [B, N, H_llm], prompt_llm [B, P, K, H_llm]).
 
-    image_positions: each token's (x, y) in the global view divided by its side, the frame of
-    `prompt_geometry`; they enter as the prompt encoder's random-Fourier features (one Gaussian,
-    as SAM's image and prompt encodings share theirs), so a prompt token can find the image
-    tokens under its prompt by content-free position matching."""
+    image_cells (earthgptx.image_token_cells) and prompt_boxes (batch.py's `prompt_geometry`)
+    are (x1, y1, x2, y2) in the global view divided by its side."""
     cfg = self.config
     b, n, _ = image_tokens.shape
     _, p, k, d = prompt_embeds.shape
@@ -161,8 +180,10 @@ class ContentIntegration(nn.Module):
     if image_valid.shape != (b, n) or prompt_valid.shape != (b, p):
       raise ValueError(f"image_valid {image_valid.shape} / prompt_valid {prompt_valid.shape}: "
                        f"expected {(b, n)} / {(b, p)}")
-    if image_positions.shape != (b, n, 2):
-      raise ValueError(f"image_positions: expected {(b, n, 2)}, got {image_positions.shape}")
+    if image_cells.shape != (b, n, 4):
+      raise ValueError(f"image_cells: expected {(b, n, 4)}, got {image_cells.shape}")
+    if prompt_boxes.shape != (b, p, 4):
+      raise ValueError(f"prompt_boxes: expected {(b, p, 4)}, got {prompt_boxes.shape}")
     attn = nn.remat(Attention) if cfg.remat else Attention
     ffn = nn.remat(FeedForward) if cfg.remat else FeedForward
     image_valid = image_valid.astype(bool)
@@ -171,8 +192,9 @@ class ContentIntegration(nn.Module):
     # Padding is zeroed on entry so that nothing in it (even NaN) reaches a valid token.
     image_tokens = jnp.where(image_valid[..., None], image_tokens, 0)
     img = dense(d, (None, "vit_embed"), cfg, name="image_in")(image_tokens)  # [B, N, D]
-    image_positions = jnp.where(image_valid[..., None], image_positions, 0.5)
-    position = fourier_features(image_positions, fourier_gaussian(cfg))  # [B, N, 2F]
+    centres = jnp.where(image_valid[..., None], (image_cells[..., :2] + image_cells[..., 2:]) / 2,
+                        0.5)
+    position = fourier_features(centres, fourier_gaussian(cfg))  # [B, N, 2F]
     img = img + dense(d, (None, "vit_embed"), cfg, name="image_position")(
         position.astype(img.dtype))
     img = nn.with_logical_constraint(img, _TOKENS)
@@ -184,10 +206,12 @@ class ContentIntegration(nn.Module):
     img = img + attn(cfg, cfg.fusion_heads, name="image_self_attn")(h, h, image_valid)
     # (2) prompt feed-forward.
     prm = prm + ffn(cfg, cfg.fusion_mlp_dim, name="prompt_ffn")(layer_norm(cfg, "prompt_norm")(prm))
-    # (3) cross-attention: prompt tokens query the image.
+    # (3) cross-attention: prompt tokens query the image tokens under their prompt.
+    under = jnp.repeat(cells_under_boxes(image_cells, prompt_boxes), k, axis=1)  # [B, P*K, N]
     q = layer_norm(cfg, "cross_query_norm")(prm)
     kv = layer_norm(cfg, "cross_context_norm")(img)
-    prm = prm + attn(cfg, cfg.fusion_heads, name="cross_attn")(q, kv, image_valid)
+    prm = prm + attn(cfg, cfg.fusion_heads, name="cross_attn")(q, kv,
+                                                                under & image_valid[:, None])
     # (4) self-attention over the joint sequence.
     x = jnp.concatenate([img, prm], axis=1)  # [B, N + P*K, D]
     x = nn.with_logical_constraint(x, _TOKENS)
