@@ -154,7 +154,7 @@ def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
     grads, metrics = grads_and_metrics(state.trainable, batch)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     new_trainable = optax.apply_updates(state.trainable, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optim.global_norm(config.train, grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(step=state.step + 1, trainable=keep(new_trainable, state.trainable),

@@ -27,7 +27,7 @@ def main():
   if _MULTI:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[1]}", num_processes=2,
                                process_id=int(sys.argv[2]))
-  config = tiny_config()
+  config = tiny_config(flat_optimizer=False)  # moments sharded like the params
   mesh = sharding.make_mesh((2, 2, 2))
   model = trainer.build_model(config)
   optimizer = trainer.make_optimizer(config, model)

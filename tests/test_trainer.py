@@ -26,7 +26,9 @@ def config():
   # warmup 0: the first step moves the params (warmup starts at lr 0). Adam's first update is
   # lr * g / (|g| + eps); eps 1e-3 keeps it from amplifying the fp32 reduction-order noise of
   # gradients near 0 (with eps 1e-8 such elements differed by up to ~lr between meshes).
-  return tiny_config(warmup_steps=0, adam_eps=1e-3)
+  # The per-leaf optimizer: its moments are sharded like the params, as in the presets that
+  # shard (tiny's flat optimizer is checked against it in test_optim.py).
+  return tiny_config(warmup_steps=0, adam_eps=1e-3, flat_optimizer=False)
 
 
 @pytest.fixture(scope="module")
