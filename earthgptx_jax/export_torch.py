@@ -65,7 +65,7 @@ def _ffn(t: str, f: str) -> list[Rule]:
 
 def own_rules(model_config: ml_collections.ConfigDict) -> list[Rule]:
   """torch_model's ported modules <-> EarthGPTX params (prompt_encoder minus its SAE,
-  integration, the pixel decoder's non-SAM layers)."""
+  region_encoder, integration, the pixel decoder's non-SAM layers)."""
   p = "prompt_encoder"
   rules = [*_linear(f"{p}.geometry_proj", f"{p}/geometry_proj"),
            Rule(f"{p}.corner_embed", f"{p}/corner_embed"),
@@ -84,6 +84,10 @@ def own_rules(model_config: ml_collections.ConfigDict) -> list[Rule]:
   for attn in ("image_self_attn", "cross_attn", "joint_self_attn"):
     rules += _attention(f"{i}.{attn}", f"{i}/{attn}")
   rules += _ffn(f"{i}.prompt_ffn", f"{i}/prompt_ffn") + _ffn(f"{i}.projector", f"{i}/projector")
+  if model_config.prompt.region.sources:
+    r = "region_encoder"
+    rules += _norm(f"{r}.norm", f"{r}/norm") + _linear(f"{r}.fc1", f"{r}/fc1")
+    rules += _linear(f"{r}.fc2", f"{r}/fc2")
   rules += _linear("pixel.seg_fc1", "pixel/seg_fc1") + _linear("pixel.seg_fc2", "pixel/seg_fc2")
   if model_config.pixel.image_encoder == "mixed":
     rules += _linear("pixel.dense_proj", "pixel/dense_proj") + _norm("pixel.dense_norm",
@@ -176,6 +180,8 @@ def read_folder(folder: str | os.PathLike) -> tuple[ml_collections.ConfigDict, d
   params = {"llm": llm, "vision": {"convnext": convnext, "dino": dino},
             "prompt_encoder": {**own["prompt_encoder"], "sae": sae},
             "integration": own["integration"], "pixel": {**own["pixel"], **sam}}
+  if "region_encoder" in own:
+    params["region_encoder"] = own["region_encoder"]
   want = keymap.flatten(expected_params(config))
   got = keymap.flatten(params)
   if set(want) != set(got):

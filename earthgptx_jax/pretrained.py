@@ -84,5 +84,7 @@ def load_into(params: Mapping, config: ml_collections.ConfigDict,
     params["pixel"] = _load_sam(params, config, log)
   else:
     log("pixel: random init (model.pixel.pretrained_path unset)")
-  log("prompt encoder, integration, projector: random init (new modules)")
+  new = ["prompt encoder", *(["region encoder"] if config.model.prompt.region.sources else []),
+         "integration, projector"]
+  log(f"{', '.join(new)}: random init (new modules)")
   return params

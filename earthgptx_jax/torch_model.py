@@ -19,6 +19,7 @@ Ports of the project's own modules (same parameter names as the Flax modules, to
   * `PromptEncoder`      <- models/prompts.py VisualPromptEncoder (its SAE is the Dinov2Model of
                             prompt_sae/, which is the Flax ViT exactly; Fourier features with the
                             config's fixed Gaussian stored as a buffer)
+  * `RegionEncoder`      <- models/regions.py RegionEncoder (RoIAlign as torch `grid_sample`)
   * `ContentIntegration` <- models/fusion.py ContentIntegration (+ Projector)
   * `PixelDecoder`       <- models/pixel.py PixelDecoder (the [SEG] MLP, the optional dense-map
                             projection, HF SAM parts for the rest)
@@ -309,6 +310,51 @@ def gather_seg_states(hidden, ids, seg_token_id: int, max_seg: int):
   return torch.where(valid[..., None], states, 0), valid
 
 
+def region_in_features(cfg: ml_collections.ConfigDict) -> int:
+  """Width of the flattened RoIAlign samples: bins^2 x the channels of every source map."""
+  channels = {"pixels": 3, **{f"convnext_{i}": d for i, d in enumerate(cfg.vision.convnext.dims)}}
+  return cfg.prompt.region.bins ** 2 * sum(channels[name] for name in cfg.prompt.region.sources)
+
+
+class RegionEncoder(nn.Module):
+  """regions.RegionEncoder: (global-view maps NCHW, geometry [B, P, 4], valid [B, P])
+  -> [B, P, H_llm]. RoIAlign is `grid_sample` at the bin centres (bilinear, border, align_corners=False), a
+  reference independent of the JAX gather."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    super().__init__()
+    region = self.region = cfg.prompt.region
+    width = region_in_features(cfg)
+    self.norm = nn.LayerNorm(width, eps=cfg.prompt.layer_norm_eps)
+    self.fc1 = nn.Linear(width, region.mlp_dim)
+    self.fc2 = nn.Linear(region.mlp_dim, cfg.llm.hidden_size)
+
+  def sample_grid(self, boxes):
+    """boxes [B, P, 4] in [0, 1] -> grid_sample's [B, P * bins, bins, 2] in [-1, 1]."""
+    bins = self.region.bins
+    centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+    half = torch.clamp(boxes[..., 2:] - boxes[..., :2], min=self.region.min_size) / 2
+    offsets = (torch.arange(bins, dtype=boxes.dtype) + 0.5) / bins * 2 - 1
+    x = centre[..., None, None, 0] + offsets[None, :] * half[..., None, None, 0]
+    y = centre[..., None, None, 1] + offsets[:, None] * half[..., None, None, 1]
+    x, y = torch.broadcast_tensors(x, y)  # [B, P, bins (y), bins (x)]
+    grid = torch.stack([x, y], dim=-1) * 2 - 1
+    return grid.reshape(boxes.shape[0], -1, bins, 2)
+
+  def forward(self, maps, geometry, valid):
+    b, p = geometry.shape[:2]
+    valid = valid.bool()
+    grid = self.sample_grid(torch.where(valid[..., None], geometry, 0).float())
+    sampled = []
+    for fmap in maps:
+      out = F.grid_sample(fmap.float(), grid, mode="bilinear", padding_mode="border",
+                          align_corners=False)  # [B, C, P * bins, bins]
+      out = out.reshape(b, -1, p, self.region.bins, self.region.bins).permute(0, 2, 3, 4, 1)
+      sampled.append(out.reshape(b, p, -1).to(self.fc1.weight.dtype))
+    x = self.fc2(F.gelu(self.fc1(self.norm(torch.cat(sampled, dim=-1)))))
+    return torch.where(valid[..., None], x, 0)
+
+
 def _normalise(x, mean, std):
   """[N, S, S, 3] in [0, 1] -> NCHW normalised with the encoder's pretraining mean / std."""
   mean, std = torch.tensor(mean, dtype=x.dtype), torch.tensor(std, dtype=x.dtype)
@@ -335,6 +381,8 @@ class EarthGPTXTorch(nn.Module):
     self.convnext = convnext  # timm ConvNeXt            <- vision.convnext
     self.dino = dino  # transformers Dinov2(WithRegisters)Model <- vision.dino
     self.prompt_encoder = PromptEncoder(m.prompt, sae)  # <- prompt_encoder
+    if m.prompt.region.sources:
+      self.region_encoder = RegionEncoder(m)  # <- region_encoder
     image_channels = m.vision.convnext.dims[m.vision.convnext_stage] + m.vision.dino.hidden_size
     self.integration = ContentIntegration(m.prompt, image_channels, m.llm.hidden_size)
     self.llm = llm  # transformers LlamaForCausalLM       <- llm
@@ -390,7 +438,8 @@ class EarthGPTXTorch(nn.Module):
 
   def encode_visual(self, batch):
     """-> image tokens [B, N, H], prompt tokens [B, P, K, H], dense map [B, h, w, C_d]."""
-    v_cfg = self.model_config.vision
+    m_cfg = self.model_config
+    v_cfg = m_cfg.vision
     pv = batch["pixel_values"].to(self.dtype)
     b, v, s = pv.shape[:3]
     x = pv.reshape(b * v, s, s, 3)
@@ -425,6 +474,13 @@ class EarthGPTXTorch(nn.Module):
                                              batch["prompt_geometry"].float(),
                                              batch["prompt_valid"],
                                              self.prompt_encoder.fourier_gaussian)
+    if m_cfg.prompt.region.sources:
+      global_maps = {"pixels": pv[:, 0].permute(0, 3, 1, 2),
+                     **{f"convnext_{i}": st.reshape(b, v, *st.shape[1:])[:, 0]
+                        for i, st in enumerate(stages)}}
+      region = self.region_encoder([global_maps[n] for n in m_cfg.prompt.region.sources],
+                                   batch["prompt_geometry"].to(self.dtype), batch["prompt_valid"])
+      prompt_llm = prompt_llm + region[:, :, None, :]
     return image_llm, prompt_llm, dense
 
   def forward(self, batch: dict[str, torch.Tensor]):

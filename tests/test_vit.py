@@ -197,7 +197,7 @@ def mixed():
   variables = jax.tree.map(
       lambda s: jnp.asarray(rng.normal(0.0, 0.5 / max(1, np.prod(s.shape[:-1])) ** 0.5,
                                        s.shape), s.dtype), shapes)
-  tokens, dense = jax.jit(module.apply)(variables, pixels)
+  tokens, dense, _ = jax.jit(module.apply)(variables, pixels)
   return cfg, module, variables, pixels, tokens, dense
 
 

@@ -3,6 +3,7 @@
     pixel_values [B,V,S,S,3] -> MixedVisionEncoder -> image tokens [B,N,C], dense [B,h,w,Cd]
     prompt maps/geometry     -> VisualPromptEncoder -> prompt embeds [B,P,K,Dp]
     (image tokens, prompt embeds) -> ContentIntegration -> [B,N,H], [B,P,K,H]
+      prompt tokens + RegionEncoder(RoIAlign in each prompt's box, global-view maps) [B,P,1,H]
     text embeddings with image / prompt tokens spliced in at <im_patch> / <vp_patch> -> Llama
     last-layer hidden state that predicts each [SEG] -> PixelDecoder(dense) -> mask logits
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from earthgptx_jax.models import fusion, llama, pixel, prompts, vision
+from earthgptx_jax.models import fusion, llama, pixel, prompts, regions, vision
 
 
 class EarthGPTXOutput(NamedTuple):
@@ -90,13 +91,16 @@ class EarthGPTX(nn.Module):
     cfg = self.config
     self.vision = vision.MixedVisionEncoder(cfg.vision)
     self.prompt_encoder = prompts.VisualPromptEncoder(cfg.prompt)
+    regions.check_sources(cfg.prompt.region, len(cfg.vision.convnext.dims))
+    if cfg.prompt.region.sources:
+      self.region_encoder = regions.RegionEncoder(cfg.prompt, cfg.llm.hidden_size)
     self.integration = fusion.ContentIntegration(cfg.prompt, cfg.llm.hidden_size)
     self.llm = llama.Llama(cfg.llm)
     self.pixel = pixel.PixelDecoder(cfg.pixel)
 
   def encode_visual(self, batch):
     """-> image tokens [B,N,H], prompt tokens [B,P,K,H] (LLM width), dense map [B,h,w,C]."""
-    image_tokens, dense = self.vision(batch["pixel_values"])
+    image_tokens, dense, global_stages = self.vision(batch["pixel_values"])
     tokens_per_view = image_tokens.shape[1] // batch["view_valid"].shape[1]
     image_valid = jnp.repeat(batch["view_valid"], tokens_per_view, axis=1)
     prompt_embeds = self.prompt_encoder(batch["prompt_maps"], batch["prompt_geometry"],
@@ -105,6 +109,12 @@ class EarthGPTX(nn.Module):
                               self.config.vision.token_grid)
     image_llm, prompt_llm = self.integration(image_tokens, cells, image_valid, prompt_embeds,
                                              batch["prompt_geometry"], batch["prompt_valid"])
+    if self.config.prompt.region.sources:
+      maps = [batch["pixel_values"][:, 0] if name == "pixels"
+              else global_stages[int(name.removeprefix("convnext_"))]
+              for name in self.config.prompt.region.sources]
+      region = self.region_encoder(maps, batch["prompt_geometry"], batch["prompt_valid"])
+      prompt_llm = prompt_llm + region[:, :, None, :].astype(prompt_llm.dtype)
     return image_llm, prompt_llm, dense
 
   def embed_inputs(self, batch, image_llm, prompt_llm):

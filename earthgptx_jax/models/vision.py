@@ -16,6 +16,8 @@ Config: `get_config(...).model.vision` (configs/fusion.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,8 +62,14 @@ def _to_grid(x: Array, grid: int) -> Array:
                           antialias=True)
 
 
+class VisionOutput(NamedTuple):
+  tokens: jax.Array  # [B, V * G*G, C_mix], all views in order
+  dense: jax.Array  # [B, h, w, C_d], the global view's map for the pixel decoder
+  global_stages: tuple[jax.Array, ...]  # ConvNeXt stage maps of the global view, [B, h_i, w_i, C_i]
+
+
 class MixedVisionEncoder(nn.Module):
-  """pixel_values [B, V, S, S, 3] in [0, 1] -> (tokens [B, V * G*G, C_mix], dense [B, h, w, C_d]).
+  """pixel_values [B, V, S, S, 3] in [0, 1] -> VisionOutput.
 
   G = token_grid, C_mix = `token_channels(config)`, (h, w, C_d) = `dense_shape(config)`.
   """
@@ -99,5 +107,6 @@ class MixedVisionEncoder(nn.Module):
     else:
       dense = mixed
     dense = dense.reshape(b, v, *dense.shape[1:])[:, 0]
-    return tokens, nn.with_logical_constraint(dense, ("activation_batch", None, None,
-                                                      "activation_embed"))
+    dense = nn.with_logical_constraint(dense, ("activation_batch", None, None, "activation_embed"))
+    global_stages = tuple(m.reshape(b, v, *m.shape[1:])[:, 0] for m in stages)
+    return VisionOutput(tokens, dense, global_stages)
