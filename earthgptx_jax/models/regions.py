@@ -26,11 +26,12 @@ tiny model far less: referring classification alone, 800 steps of batch 8, held-
 Measured (direct supervision of the class of the prompted object, 1000 training / 200 held-out
 referring examples of synthetic_rs, tiny sizes, random init; held-out accuracy after 600 steps
 of batch 32, chance 0.20): image tokens under the box 0.26, RoIAlign 8x8 of the pixels 0.80,
-of ConvNeXt stage 0 0.71, of stage 1 (4x4) 0.48.
+of ConvNeXt stage 0 0.71, of stage 1 (4x4) 0.48. In the whole tiny model trained on referring
+classification alone for 600 steps (tests/test_learning.py): 0.54 on 95 held-out examples with
+this path, 0.20 without it.
 
-Config: `get_config(...).model.prompt.region` (configs/fusion.py): sources (names of
-`SOURCES`-style maps: "pixels" or "convnext_<stage>"; empty disables the path), bins, min_size,
-mlp_dim.
+Config: `get_config(...).model.prompt.region` (configs/fusion.py): sources (global-view maps,
+"pixels" or "convnext_<stage>"; empty disables the path), bins, min_size, mlp_dim.
 """
 
 from __future__ import annotations
