@@ -65,7 +65,7 @@ def _to_grid(x: Array, grid: int) -> Array:
 class VisionOutput(NamedTuple):
   tokens: jax.Array  # [B, V * G*G, C_mix], all views in order
   dense: jax.Array  # [B, h, w, C_d], the global view's map for the pixel decoder
-  global_stages: tuple[jax.Array, ...]  # ConvNeXt stage maps of the global view, [B, h_i, w_i, C_i]
+  global_stages: tuple[jax.Array, ...]  # the global view's ConvNeXt stages, [B, h_i, w_i, C_i]
 
 
 class MixedVisionEncoder(nn.Module):
