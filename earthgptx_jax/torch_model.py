@@ -318,8 +318,8 @@ def region_in_features(cfg: ml_collections.ConfigDict) -> int:
 
 class RegionEncoder(nn.Module):
   """regions.RegionEncoder: (global-view maps NCHW, geometry [B, P, 4], valid [B, P])
-  -> [B, P, H_llm]. RoIAlign is `grid_sample` at the bin centres (bilinear, border, align_corners=False), a
-  reference independent of the JAX gather."""
+  -> [B, P, H_llm]. RoIAlign is `grid_sample` at the bin centres (bilinear, border,
+  align_corners=False), a reference independent of the JAX gather."""
 
   def __init__(self, cfg: ml_collections.ConfigDict):
     super().__init__()

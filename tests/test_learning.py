@@ -22,15 +22,21 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_tiny_preset_learns_on_synthetic_data(tmp_path):
+def _train_tiny(tmp_path, *overrides: str) -> dict:
+  """The README's main command (one CPU device, as a user runs it) with `overrides`; its
+  metrics.json."""
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs the README command
+  env.pop("XLA_FLAGS", None)
   workdir = tmp_path / "run"
   subprocess.run([sys.executable, "-m", "earthgptx_jax.train", "--config=configs/fusion.py:tiny",
-                  f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'data'}"],
-                 cwd=ROOT, env=env, check=True, timeout=2400)
-  metrics = json.loads((workdir / "metrics.json").read_text())
+                  f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'data'}",
+                  *overrides], cwd=ROOT, env=env, check=True, timeout=2400)
+  return json.loads((workdir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_tiny_preset_learns_on_synthetic_data(tmp_path):
+  metrics = _train_tiny(tmp_path)
   assert metrics["step"] == 1000
   assert metrics["eval/image_caption/CIDEr"] >= 1.0
   assert metrics["eval/region_caption/CIDEr"] >= 0.7
@@ -47,15 +53,8 @@ def test_tiny_preset_learns_to_name_the_prompted_object(tmp_path):
   task): the answer is the class of the object under a point / box / free-form prompt, so only
   what the model reads at the prompt can beat the class prior. Held out: 300 eval records per
   sensor, of which 95 are referring examples."""
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  workdir = tmp_path / "run"
-  subprocess.run([sys.executable, "-m", "earthgptx_jax.train", "--config=configs/fusion.py:tiny",
-                  f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'data'}",
-                  "--config.train.steps=600", "--config.train.alignment_steps=600",
-                  "--config.data.alignment_tasks=('referring_classification',)",
-                  "--config.data.synthetic.num_eval=300", "--config.train.eval_examples=900"],
-                 cwd=ROOT, env=env, check=True, timeout=2400)
-  metrics = json.loads((workdir / "metrics.json").read_text())
+  metrics = _train_tiny(tmp_path, "--config.train.steps=600", "--config.train.alignment_steps=600",
+                        "--config.data.alignment_tasks=('referring_classification',)",
+                        "--config.data.synthetic.num_eval=300", "--config.train.eval_examples=900")
   assert metrics["eval/referring_classification/n"] >= 80
   assert metrics["eval/referring_classification/accuracy"] >= 0.35  # chance 0.2
