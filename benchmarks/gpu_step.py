@@ -64,7 +64,7 @@ def vendor_figures(device) -> tuple[float | None, float | None]:
 def with_token_ids(config):
   """Reserves the vocabulary's last ids for the template's placeholders (no tokenizer needed)."""
   vocab = config.model.llm.vocab_size
-  config.model.token_ids.update(dict(bos=1, eos=2, pad=0, image_patch=vocab - 3,
+  config.model.token_ids.update(dict(bos=1, eos=2, pad=0, box=vocab - 4, image_patch=vocab - 3,
                                      vp_patch=vocab - 2, seg=vocab - 1))
   return config
 

@@ -134,7 +134,7 @@ def fsdp_state_bytes(preset: str, mesh_shape: tuple[int, int, int], materialise:
   from earthgptx_jax import sharding, trainer
   config = fusion.get_config(preset)
   vocab = config.model.llm.vocab_size
-  config.model.token_ids.update(dict(bos=1, eos=2, pad=0, image_patch=vocab - 3,
+  config.model.token_ids.update(dict(bos=1, eos=2, pad=0, box=vocab - 4, image_patch=vocab - 3,
                                      vp_patch=vocab - 2, seg=vocab - 1))
   mesh = sharding.make_mesh(mesh_shape)
   model = trainer.build_model(config)

@@ -6,7 +6,7 @@
 Both sides start from the same weights (ours exported with `earthgptx_jax.export_torch` and
 loaded as `EarthGPTXTorch`), take the same batch from the data pipeline (synthetic_rs, the
 preset's loader) and do one full optimizer step: forward, the project's loss (answer-token CE
-+ mask BCE + Dice, config weights), backward, global-norm clipping, AdamW. The first losses
++ mask BCE + Dice + box L1 + gIoU, config weights), backward, global-norm clipping, AdamW. The first losses
 must agree (printed). Reported: the compile time of our step, the median step time of each
 (after warm-up; both sides alternate so shared-CPU load hits them alike; `block_until_ready`
 on ours), the ratio ours / torch, our FLOP/s (XLA's count of the compiled step) as a fraction
@@ -25,6 +25,7 @@ import time
 import jax
 import numpy as np
 import torch
+import torchvision
 from flax import linen as nn
 
 from earthgptx_jax import perf, sharding, trainer
@@ -57,7 +58,7 @@ def prepared_data(preset: str, batch_size: int, data_dir: str, num_records: int 
   return data, batch
 
 
-def torch_loss(config, batch, logits, mask_logits):
+def torch_loss(config, batch, logits, mask_logits, boxes):
   """The project's training loss (earthgptx_jax/losses.py) in torch, for the reference step."""
   loss_mask = batch["loss_mask"].bool()
   nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].long().flatten(),
@@ -74,8 +75,14 @@ def torch_loss(config, batch, logits, mask_logits):
   dice = 1.0 - (num + DICE_EPS) / (den + DICE_EPS)
   count = valid.sum().clamp(min=1)
   bce, dice = (bce * valid).sum() / count, (dice * valid).sum() / count
-  w = config.model.pixel
-  return w.ce_weight * ce + w.bce_weight * bce + w.dice_weight * dice
+  w, wb = config.model.pixel, config.model.box
+  box_valid = batch["box_valid"].bool()
+  pred, target = boxes[box_valid], batch["box_targets"][box_valid].float()
+  num_boxes = box_valid.sum().clamp(min=1)
+  l1 = (pred - target).abs().sum() / num_boxes
+  giou = torchvision.ops.generalized_box_iou_loss(pred, target, reduction="sum") / num_boxes
+  return (w.ce_weight * ce + w.bce_weight * bce + w.dice_weight * dice + wb.l1_weight * l1
+          + wb.giou_weight * giou)
 
 
 def run(data, batch: dict[str, np.ndarray], repeats: int = 5, warmup: int = 2,
@@ -122,8 +129,8 @@ def run(data, batch: dict[str, np.ndarray], repeats: int = 5, warmup: int = 2,
 
     def torch_step():
       torch_opt.zero_grad(set_to_none=True)
-      logits, mask_logits, _ = torch_model(tbatch)
-      loss = torch_loss(config, tbatch, logits, mask_logits)
+      logits, mask_logits, _, boxes = torch_model(tbatch)
+      loss = torch_loss(config, tbatch, logits, mask_logits, boxes)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(torch_model.parameters(), tc.grad_clip_norm)
       torch_opt.step()

@@ -97,7 +97,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # Ids of the template's special tokens; the trainer fills them from the tokenizer
   # (earthgptx_jax/tokenizer.py) and saves them with the run's config.
   model.token_ids = ConfigDict({name: placeholder(int) for name in (
-      "bos", "eos", "pad", "image_patch", "vp_patch", "seg")})
+      "bos", "eos", "pad", "image_patch", "vp_patch", "seg", "box")})
 
   # Mixed CLIP-ConvNeXt + DINOv2 encoders and zoom views (models/vision.py).
   model.vision = ConfigDict()
@@ -189,6 +189,19 @@ def get_config(arg: str | None = None) -> ConfigDict:
   model.pixel = ConfigDict()
   model.pixel.max_seg = 2 if is_tiny else 3  # Q in batch.py: [SEG] tokens per example
   _pixel(model.pixel, is_tiny)
+
+  # Box head (models/box_head.py): answer boxes become one [BOX] token each, and the hidden
+  # state that predicts it queries a global-view ConvNeXt map for the box (L1 + gIoU). tiny:
+  # spelled out as text, box grounding stayed at Acc@0.5 0.0 even trained alone (README); the
+  # paper writes boxes as text, so its presets keep the head off.
+  model.box = ConfigDict(dict(
+      head=is_tiny,
+      max_boxes=2 if is_tiny else 4,  # Qb in batch.py: [BOX] tokens per example
+      feature_stage=1,  # ConvNeXt stage the head reads (stride 8: 8x8 cells at 64 px)
+      dim=32 if is_tiny else 256,  # query / key width of the head's attention
+      l1_weight=1.0, giou_weight=1.0,
+      layer_norm_eps=1e-6, initializer_range=0.02,
+      dtype="float32" if is_tiny else "bfloat16", param_dtype="float32"))
 
   config.data = ConfigDict()
   config.data.max_length = 256 if is_tiny else 2048

@@ -71,12 +71,14 @@ class TokenIds:
   vp_end: int
   vp_patch: int
   seg: int
+  box: int
 
   @classmethod
   def from_tokenizer(cls, tokenizer) -> TokenIds:
     special = dict(image_start=template.IMAGE_START, image_end=template.IMAGE_END,
                    image_patch=template.IMAGE_PATCH, vp_start=template.VP_START,
-                   vp_end=template.VP_END, vp_patch=template.VP_PATCH, seg=template.SEG)
+                   vp_end=template.VP_END, vp_patch=template.VP_PATCH, seg=template.SEG,
+                   box=template.BOX)
     ids = {}
     unk = getattr(tokenizer, "unk_token_id", None)
     for name, token in special.items():
@@ -124,6 +126,8 @@ class ExampleProcessor:
     self.max_prompts = int(prompt.max_prompts)
     self.map_size = int(prompt.map_size)
     self.max_seg = int(config.model.pixel.max_seg)
+    self.box_head = bool(config.model.box.head)
+    self.max_boxes = int(config.model.box.max_boxes)
     self.max_length = int(config.data.max_length)
 
   def __call__(self, features: Mapping[str, Any]) -> dict[str, np.ndarray] | _Bad:
@@ -154,8 +158,10 @@ class ExampleProcessor:
     view = views.make_views(pixels, self.image_size, self.max_tiles)
     example = dict(pixel_values=view.pixels, view_valid=view.valid, view_affine=view.affine)
     example.update(self._prompt_fields(record, height, width, view.affine[0]))
-    text, num_seg = self.tokenize(record.turns, record.modality, view.valid)
+    text, num_seg, boxes = self.tokenize(record.turns, record.modality, view.valid,
+                                         image_hw=(height, width))
     example.update(text)
+    example.update(self._box_fields(boxes, view.affine[0]))
     seg_masks = np.zeros((self.max_seg, self.image_size, self.image_size), np.float32)
     for q in range(num_seg):
       mask = schema.decode_mask(record.masks[q], width, height, f"mask {q}")
@@ -185,18 +191,39 @@ class ExampleProcessor:
     except ValueError as e:  # e.g. a zero-area polygon: the rasteriser names the prompt.
       raise schema.BadRecordError("bad_prompt", str(e)) from None
 
+  def _box_fields(self, boxes, global_affine: np.ndarray) -> dict[str, np.ndarray]:
+    """Answer boxes in original pixels -> box_targets / box_valid in the global-view frame."""
+    targets = np.zeros((self.max_boxes, 4), np.float32)
+    for q, (x1, y1, x2, y2) in enumerate(boxes):
+      corners = np.array([[x1, y1, 1.0], [x2, y2, 1.0]]) @ global_affine.T / self.image_size
+      targets[q] = np.clip(np.concatenate([corners.min(0), corners.max(0)]), 0.0, 1.0)
+    return dict(box_targets=targets, box_valid=np.arange(self.max_boxes) < len(boxes))
+
   def _encode(self, text: str) -> list[int]:
-    """Plain text (may hold [SEG]) -> ids; [SEG] maps to its one special id, while other
-    special-token strings typed in text (e.g. "<im_patch>") stay ordinary text, so only the
-    template places image and prompt tokens."""
+    """Plain text (may hold [SEG], and [BOX] with the box head on) -> ids; those map to their
+    one special id each, while other special-token strings typed in text (e.g. "<im_patch>")
+    stay ordinary text, so only the template places image and prompt tokens."""
     ids: list[int] = []
     for k, piece in enumerate(text.split(template.SEG)):
       if k:
         ids.append(self.ids.seg)
-      if piece:
-        ids.extend(self.tokenizer.encode(piece, add_special_tokens=False,
-                                         split_special_tokens=True))
+      for j, part in enumerate(piece.split(template.BOX) if self.box_head else [piece]):
+        if j:
+          ids.append(self.ids.box)
+        if part:
+          ids.extend(self.tokenizer.encode(part, add_special_tokens=False,
+                                           split_special_tokens=True))
     return ids
+
+  def _answer_text(self, text: str, image_hw) -> tuple[str, list]:
+    """With the box head on: the answer's boxes -> [BOX] tokens and their pixel boxes."""
+    if not self.box_head:
+      return text, []
+    try:  # a literal "[BOX]" typed in the data has no target box: it must not become the token
+      return template.answer_boxes_to_tokens(text.replace(template.BOX, " "), image_hw[1],
+                                             image_hw[0])
+    except template.CoordinateParseError as e:
+      raise schema.BadRecordError("bad_answer_box", str(e)) from None
 
   def _encode_segment(self, text: str, views_valid: np.ndarray):
     """-> ids, vp_index, visible (False at image tokens of padding views)."""
@@ -220,9 +247,11 @@ class ExampleProcessor:
         visible += [True] * (k + 2)
     return ids, vp_index, visible
 
-  def tokenize(self, turns, modality: str, views_valid: np.ndarray
-               ) -> tuple[dict[str, np.ndarray], int]:
-    """Conversation -> text fields of length L, and the number of [SEG] tokens kept.
+  def tokenize(self, turns, modality: str, views_valid: np.ndarray, image_hw
+               ) -> tuple[dict[str, np.ndarray], int, list]:
+    """Conversation -> (text fields of length L, the number of [SEG] tokens kept, the pixel
+    boxes of the [BOX] tokens kept, in order). `image_hw`: the original (height, width), the
+    frame of the answers' coordinates.
 
     Over-long conversations lose whole trailing turns first, then the tail of the last kept
     answer (never the prompt, so image and prompt tokens stay whole); a prompt part that
@@ -232,9 +261,12 @@ class ExampleProcessor:
       turns = turns[:-1]
     segments = template.render_conversation(turns, modality)
     turns_tokens = []  # [(prompt ids, vp, visible), (answer ids)]
+    boxes = []
     for i in range(0, len(segments), 2):
       prompt = self._encode_segment(segments[i].text, views_valid)
-      answer = self._encode(segments[i + 1].text) + [self.ids.eos]
+      answer_text, answer_boxes = self._answer_text(segments[i + 1].text, image_hw)
+      boxes += answer_boxes
+      answer = self._encode(answer_text) + [self.ids.eos]
       turns_tokens.append((prompt, answer))
     limit = self.max_length
 
@@ -268,8 +300,12 @@ class ExampleProcessor:
     vp_index = np.full(limit, -1, np.int32)
     vp_index[:n] = vp
     num_seg = int(sum(i == self.ids.seg for i, a in zip(ids, answer_mask) if a))
+    num_boxes = int(sum(i == self.ids.box for i, a in zip(ids, answer_mask) if a))
+    if self.box_head and num_boxes > self.max_boxes:
+      raise schema.BadRecordError("too_many", f"{num_boxes} answer boxes, "
+                                  f"model.box.max_boxes={self.max_boxes}")
     return dict(input_ids=input_ids, attention_mask=attention, targets=targets,
-                loss_mask=loss_mask, vp_token_index=vp_index), num_seg
+                loss_mask=loss_mask, vp_token_index=vp_index), num_seg, boxes[:num_boxes]
 
 
 def _record_id(features: Mapping[str, Any]) -> str:

@@ -60,7 +60,8 @@ BAD_REASONS: tuple[str, ...] = (
     "seg_mask_count_mismatch",  # number of [SEG] tokens != number of target masks
     "no_answer",              # no ASSISTANT turn, or an empty one
     "too_long",               # the prompt part alone exceeds data.max_length
-    "too_many",               # more prompts / [SEG] masks than the model's static slots
+    "too_many",               # more prompts / [SEG] masks / [BOX] boxes than the static slots
+    "bad_answer_box",         # box head on: an answer's coordinates do not parse
 )
 
 

@@ -7,6 +7,7 @@ All arrays have static shapes set by the config (B = train.batch_size or the inf
   P  = model.prompt.max_prompts      visual prompts per example (padded)
   M  = model.prompt.map_size         side of a rasterised prompt map, pixels
   Q  = model.pixel.max_seg           [SEG] tokens / target masks per example (padded)
+  Qb = model.box.max_boxes           [BOX] tokens / target boxes per example (padded)
   L  = data.max_length               text tokens
 
 Geometry conventions (owned by `data_pipelines/views.py`):
@@ -35,6 +36,9 @@ Geometry conventions (owned by `data_pipelines/views.py`):
 |                  |         |                   | K = model.prompt.tokens_per_prompt; -1 elsewhere          |
 | seg_masks        | float32 | [B, Q, S, S]      | target mask of the q-th [SEG], global-view frame          |
 | seg_valid        | bool    | [B, Q]            | False for padding masks                                   |
+| box_targets      | float32 | [B, Qb, 4]        | target box of the q-th [BOX]: (x1, y1, x2, y2) in the     |
+|                  |         |                   | global view, in [0, 1] (as prompt_geometry)               |
+| box_valid        | bool    | [B, Qb]           | False for padding boxes (always, with the box head off)   |
 | image_size       | int32   | [B, 2]            | original (height, width)                                  |
 | task_id          | int32   | [B]               | index into data_pipelines.schema.TASKS                    |
 | modality_id      | int32   | [B]               | index into template.MODALITIES                            |
@@ -64,6 +68,8 @@ _SPEC = {
     "seg_masks": (np.float32, lambda b, c: (b, c.model.pixel.max_seg, c.model.vision.image_size,
                                             c.model.vision.image_size)),
     "seg_valid": (np.bool_, lambda b, c: (b, c.model.pixel.max_seg)),
+    "box_targets": (np.float32, lambda b, c: (b, c.model.box.max_boxes, 4)),
+    "box_valid": (np.bool_, lambda b, c: (b, c.model.box.max_boxes)),
     "image_size": (np.int32, lambda b, c: (b, 2)),
     "task_id": (np.int32, lambda b, c: (b,)),
     "modality_id": (np.int32, lambda b, c: (b,)),

@@ -3,7 +3,7 @@ r"""Evaluate a trained EarthGPT-X: generate answers and masks, score per task/mo
   python -m earthgptx_jax.evaluate --workdir=DIR [--split=test] [--out=metrics.json]
 
 Answers are generated greedily after each example's last question (the reference answer is cut
-off); boxes are parsed from the answer text, masks decoded from the generated [SEG] tokens and
+off); boxes are parsed from the answer text (where the box head wrote its boxes), masks decoded from the generated [SEG] tokens and
 mapped back to the original image exactly as SAM post-processes. An unparseable answer or a
 missing [SEG] scores as wrong, never as a crash.
 """
@@ -64,17 +64,19 @@ def _clean(text: str) -> str:
 def samples_from_batch(eval_batch, generated, tokenizer, config) -> list[metrics.EvalSample]:
   """One EvalSample per real row: decoded answer, parsed references, masks in the original frame."""
   from data_pipelines import schema
-  tokens, lengths, mask_logits, _, seg_valid = generated
-  seg_id = int(config.model.token_ids.seg)
+  from earthgptx_jax import infer
+  mask_logits, seg_valid = generated.mask_logits, generated.seg_valid
   size = int(config.model.vision.image_size)
   out = []
   for i, record in enumerate(eval_batch.records):
     if record is None:
       continue
-    ids = tokens[i, :lengths[i]].tolist()
-    answer = _clean(tokenizer.decode([t for t in ids if t != seg_id], skip_special_tokens=True))
-    reference = _last_answer(record.turns)
+    ids = generated.tokens[i, :generated.lengths[i]].tolist()
     height, width = (int(v) for v in eval_batch.batch["image_size"][i])
+    answer = infer.answer_text(ids, tokenizer, config,
+                               generated.boxes[i][generated.box_valid[i]],
+                               eval_batch.batch["view_affine"][i, 0], (height, width))
+    reference = _last_answer(record.turns)
     target_boxes: tuple = ()
     if record.task == "box_grounding":
       parsed = template.try_parse_boxes(reference, width, height)

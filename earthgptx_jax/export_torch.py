@@ -65,7 +65,7 @@ def _ffn(t: str, f: str) -> list[Rule]:
 
 def own_rules(model_config: ml_collections.ConfigDict) -> list[Rule]:
   """torch_model's ported modules <-> EarthGPTX params (prompt_encoder minus its SAE,
-  region_encoder, integration, the pixel decoder's non-SAM layers)."""
+  region_encoder, integration, the pixel decoder's non-SAM layers, box_head)."""
   p = "prompt_encoder"
   rules = [*_linear(f"{p}.geometry_proj", f"{p}/geometry_proj"),
            Rule(f"{p}.corner_embed", f"{p}/corner_embed"),
@@ -89,6 +89,12 @@ def own_rules(model_config: ml_collections.ConfigDict) -> list[Rule]:
     rules += _norm(f"{r}.norm", f"{r}/norm") + _linear(f"{r}.fc1", f"{r}/fc1")
     rules += _linear(f"{r}.fc2", f"{r}/fc2")
   rules += _linear("pixel.seg_fc1", "pixel/seg_fc1") + _linear("pixel.seg_fc2", "pixel/seg_fc2")
+  if model_config.box.head:
+    rules += [r for n in ("query", "key", "value", "fc1", "fc2")
+              for r in _linear(f"box_head.{n}", f"box_head/{n}")]
+    rules += _norm("box_head.query_norm", "box_head/query_norm")
+    rules += _norm("box_head.feature_norm", "box_head/feature_norm")
+    rules.append(Rule("box_head.position", "box_head/position"))
   if model_config.pixel.image_encoder == "mixed":
     rules += _linear("pixel.dense_proj", "pixel/dense_proj") + _norm("pixel.dense_norm",
                                                                      "pixel/dense_norm")
@@ -180,8 +186,9 @@ def read_folder(folder: str | os.PathLike) -> tuple[ml_collections.ConfigDict, d
   params = {"llm": llm, "vision": {"convnext": convnext, "dino": dino},
             "prompt_encoder": {**own["prompt_encoder"], "sae": sae},
             "integration": own["integration"], "pixel": {**own["pixel"], **sam}}
-  if "region_encoder" in own:
-    params["region_encoder"] = own["region_encoder"]
+  for name in ("region_encoder", "box_head"):
+    if name in own:
+      params[name] = own[name]
   want = keymap.flatten(expected_params(config))
   got = keymap.flatten(params)
   if set(want) != set(got):
@@ -289,7 +296,8 @@ def import_folder(folder: str | os.PathLike, workdir: str | os.PathLike, step: i
 def verification_batch(config: ml_collections.ConfigDict, batch_size: int = 2, seed: int = 0
                        ) -> dict[str, np.ndarray]:
   """A random batch honouring batch.py: images, one padding tile in example 0, 1..P prompts of
-  each type with their <vp_patch> tokens, text, a [SEG] in the answer, padding at the end."""
+  each type with their <vp_patch> tokens, text, a [SEG] (and a [BOX] with the box head on) in
+  the answer, padding at the end."""
   from data_pipelines import views as views_lib
   from earthgptx_jax import batch as batch_lib
   m = config.model
@@ -300,6 +308,9 @@ def verification_batch(config: ml_collections.ConfigDict, batch_size: int = 2, s
   per_view = m.vision.token_grid ** 2
   k, msize = m.prompt.tokens_per_prompt, m.prompt.map_size
   specials = {ids[n] for n in ("image_patch", "vp_patch", "seg", "bos", "eos", "pad")}
+  box_head = bool(m.box.head)
+  if box_head:
+    specials.add(ids.box)
   text_ids = np.array([t for t in range(m.llm.vocab_size) if t not in specials])
   b["pixel_values"][:] = rng.uniform(0, 1, b["pixel_values"].shape)
   b["view_valid"][:] = True
@@ -319,7 +330,7 @@ def verification_batch(config: ml_collections.ConfigDict, batch_size: int = 2, s
       b["prompt_valid"][i, p] = True
       vp_index += [p * k + j for j in range(k)]
       tokens += [ids.vp_patch] * k
-    text = list(rng.choice(text_ids, 10)) + [ids.seg, ids.eos]
+    text = list(rng.choice(text_ids, 10)) + [ids.box] * box_head + [ids.seg, ids.eos]
     tokens += text
     vp_index += [-1] * len(text)
     n = len(tokens)
@@ -334,6 +345,7 @@ def verification_batch(config: ml_collections.ConfigDict, batch_size: int = 2, s
     b["loss_mask"][i, n - len(text) - 1:n - 1] = True
     b["vp_token_index"][i, :n] = vp_index
     b["seg_valid"][i, 0] = True
+    b["box_valid"][i, 0] = box_head
   b["image_size"][:] = s
   return b
 
@@ -363,33 +375,38 @@ def relative_error(got, want) -> float:
 
 
 def jax_outputs(config: ml_collections.ConfigDict, params: Mapping, batch: Mapping) -> dict:
-  """EarthGPTX in float32 on `batch`: {logits, mask_logits, iou} as numpy (the reference)."""
+  """EarthGPTX in float32 on `batch`: {logits, mask_logits, iou, boxes} as numpy (the
+  reference)."""
   import jax
   import jax.numpy as jnp
   from earthgptx_jax.models import earthgptx
   out = jax.jit(earthgptx.EarthGPTX(float32_config(config).model).apply)(
       {"params": jax.tree.map(jnp.asarray, dict(params))}, jax.tree.map(jnp.asarray, dict(batch)))
   return {"logits": np.asarray(out.logits), "mask_logits": np.asarray(out.mask_logits),
-          "iou": np.asarray(out.iou_scores)}
+          "iou": np.asarray(out.iou_scores), "boxes": np.asarray(out.boxes)}
 
 
 def torch_outputs(folder: str | os.PathLike, batch: Mapping) -> dict:
-  """EarthGPTXTorch.from_pretrained(folder) on `batch`: {logits, mask_logits, iou} as numpy."""
+  """EarthGPTXTorch.from_pretrained(folder) on `batch`: {logits, mask_logits, iou, boxes} as
+  numpy."""
   import torch
   model = torch_model.EarthGPTXTorch.from_pretrained(folder)
   with torch.no_grad():
-    logits, masks, iou = model({k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()})
-  return {"logits": logits.numpy(), "mask_logits": masks.numpy(), "iou": iou.numpy()}
+    logits, masks, iou, boxes = model({k: torch.from_numpy(np.asarray(v))
+                                       for k, v in batch.items()})
+  return {"logits": logits.numpy(), "mask_logits": masks.numpy(), "iou": iou.numpy(),
+          "boxes": boxes.numpy()}
 
 
 def parity(reference: Mapping, got: Mapping) -> dict[str, float]:
-  return {k: relative_error(got[k], reference[k]) for k in ("logits", "mask_logits", "iou")}
+  return {k: relative_error(got[k], reference[k])
+          for k in ("logits", "mask_logits", "iou", "boxes")}
 
 
 def verify(config: ml_collections.ConfigDict, params: Mapping, folder: str | os.PathLike, *,
            batch_size: int = 2, seed: int = 0) -> dict[str, float]:
   """The same random batch through JAX (float32) and EarthGPTXTorch.from_pretrained(folder);
-  returns the relative errors of logits, mask logits and IoU."""
+  returns the relative errors of logits, mask logits, IoU and boxes (0 with the head off)."""
   batch = verification_batch(float32_config(config), batch_size, seed)
   return parity(jax_outputs(config, params, batch), torch_outputs(folder, batch))
 

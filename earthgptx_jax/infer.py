@@ -18,7 +18,7 @@ import pathlib
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,20 @@ class Prediction:
   parse_error: str | None = None  # the answer held malformed coordinates
 
 
+class Generated(NamedTuple):
+  """What `Generator` returns, as numpy."""
+  tokens: np.ndarray  # [B, N] generated ids
+  lengths: np.ndarray  # [B] tokens up to and including EOS
+  mask_logits: np.ndarray  # [B, Q, S, S] one mask per generated [SEG], global-view frame
+  iou: np.ndarray  # [B, Q] the decoder's predicted IoU
+  seg_valid: np.ndarray  # [B, Q]
+  boxes: np.ndarray  # [B, Qb, 4] one box per generated [BOX], global view in [0, 1]
+  box_valid: np.ndarray  # [B, Qb]
+
+
 class Generator:
-  """Jitted multimodal generation: visual prefill -> KV-cached LLM decoding -> [SEG] masks."""
+  """Jitted multimodal generation: visual prefill -> KV-cached LLM decoding -> [SEG] masks and
+  [BOX] boxes."""
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any, mesh=None):
     self.config = config
@@ -50,23 +62,25 @@ class Generator:
     self.model = earthgptx.EarthGPTX(config.model)
     self.llm = llama.Llama(config.model.llm)
     self._prefill = jax.jit(self._prefill_impl)
-    self._masks = jax.jit(self._masks_impl)
+    self._heads = jax.jit(self._heads_impl)
 
   def _prefill_impl(self, params, batch):
-    image_llm, prompt_llm, dense = self.model.apply(
-        {"params": params}, batch, method=earthgptx.EarthGPTX.encode_visual)
-    embeds = self.model.apply({"params": params}, batch, image_llm, prompt_llm,
+    visual = self.model.apply({"params": params}, batch,
+                              method=earthgptx.EarthGPTX.encode_visual)
+    embeds = self.model.apply({"params": params}, batch, visual.image_llm, visual.prompt_llm,
                               method=earthgptx.EarthGPTX.embed_inputs)
-    return embeds, dense
+    return embeds, visual.dense, visual.box_features
 
-  def _masks_impl(self, params, hidden, tokens, pixel_values, dense):
-    return self.model.apply({"params": params}, hidden, tokens, pixel_values, dense,
-                            method=earthgptx.EarthGPTX.decode_masks)
+  def _heads_impl(self, params, hidden, tokens, pixel_values, dense, box_features):
+    masks = self.model.apply({"params": params}, hidden, tokens, pixel_values, dense,
+                             method=earthgptx.EarthGPTX.decode_masks)
+    boxes = self.model.apply({"params": params}, hidden, tokens, box_features,
+                             method=earthgptx.EarthGPTX.decode_boxes)
+    return (*masks, *boxes)
 
   def __call__(self, batch: dict[str, np.ndarray], *, max_new_tokens: int,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
-    """batch: prompt-only model batch (batch.py) -> (tokens [B,N], lengths [B], mask logits
-    [B,Q,S,S], iou [B,Q], seg valid [B,Q])."""
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Generated:
+    """batch: prompt-only model batch (batch.py) -> Generated."""
     ids = self.config.model.token_ids
     with contextlib.ExitStack() as stack:
       if self.mesh is not None:  # params live on the training mesh: replicate the batch there
@@ -75,16 +89,49 @@ class Generator:
         batch = jax.device_put(dict(batch), sharding.replicated(self.mesh))
       else:
         batch = jax.tree.map(jnp.asarray, batch)
-      embeds, dense = self._prefill(self.params, batch)
+      embeds, dense, box_features = self._prefill(self.params, batch)
       out = decoding.generate(self.llm, self.params["llm"], inputs_embeds=embeds,
                               attention_mask=batch["attention_mask"],
                               max_new_tokens=max_new_tokens, eos_id=int(ids.eos),
                               pad_id=int(ids.pad), rng=jax.random.key(seed),
                               temperature=temperature, top_p=top_p, return_hidden_states=True)
-      mask_logits, iou, valid = self._masks(self.params, out.hidden_states, out.tokens,
-                                            batch["pixel_values"], dense)
-    return (np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(mask_logits),
-            np.asarray(iou), np.asarray(valid))
+      heads = self._heads(self.params, out.hidden_states, out.tokens, batch["pixel_values"],
+                          dense, box_features)
+    return Generated(np.asarray(out.tokens), np.asarray(out.lengths),
+                     *(np.asarray(x) for x in heads))
+
+
+def answer_text(ids: Sequence[int], tokenizer, config: ml_collections.ConfigDict,
+                boxes: np.ndarray, global_affine: np.ndarray, image_hw: tuple[int, int]) -> str:
+  """Generated ids -> the answer as text: [SEG] tokens removed (their masks are returned
+  apart), each [BOX] written as the box head's box in the `[x1,y1,x2,y2]` format (template.py),
+  whitespace collapsed.
+
+  boxes: [Qb, 4] the head's boxes in the global view in [0, 1], in [BOX] order;
+  global_affine: [2, 3] the global view's affine (batch.py `view_affine[:, 0]`);
+  image_hw: the original (height, width).
+  """
+  token_ids = config.model.token_ids
+  seg_id, box_id = int(token_ids.seg), int(token_ids.get("box", -1))
+  ids = [t for t in ids if t != seg_id]
+  size = float(config.model.vision.image_size)
+  height, width = image_hw
+  linear, shift = np.asarray(global_affine, np.float64)[:, :2], np.asarray(global_affine)[:, 2]
+  pieces, start, q = [], 0, 0
+  for i, t in enumerate(ids):
+    if t != box_id or box_id < 0:
+      continue
+    pieces.append(tokenizer.decode(ids[start:i], skip_special_tokens=True))
+    if q < len(boxes):
+      corners = np.linalg.solve(linear, (np.asarray(boxes[q], np.float64).reshape(2, 2) * size
+                                         - shift).T).T  # global view -> original pixels
+      x1, y1 = np.clip(corners.min(0), 0, [width, height])
+      x2, y2 = np.clip(corners.max(0), 0, [width, height])
+      pieces.append(f" {template.format_box((x1, y1, x2, y2), width, height)} ")
+    q += 1
+    start = i + 1
+  pieces.append(tokenizer.decode(ids[start:], skip_special_tokens=True))
+  return " ".join("".join(pieces).split())
 
 
 class InferenceError(ValueError):
@@ -191,29 +238,31 @@ class Predictor:
               top_p: float = 1.0, seed: int = 0) -> list[Prediction]:
     from earthgptx_jax.models import pixel
     batch, records = self.prepare(records)
-    tokens, lengths, mask_logits, iou, valid = self.generator(
-        batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    generated = self.generator(batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed)
     seg_id = int(self.config.model.token_ids.seg)
     out = []
     for i in range(len(records)):
-      ids = tokens[i, :lengths[i]].tolist()
-      answer = self.tokenizer.decode([t for t in ids if t != seg_id], skip_special_tokens=True)
-      answer = " ".join(answer.split())
+      ids = generated.tokens[i, :generated.lengths[i]].tolist()
+      height, width = (int(v) for v in batch["image_size"][i])
+      answer = answer_text(ids, self.tokenizer, self.config,
+                           generated.boxes[i][generated.box_valid[i]],
+                           batch["view_affine"][i, 0], (height, width))
       n_seg = ids.count(seg_id)
       if n_seg:
         answer = (answer + " " + " ".join([template.SEG] * n_seg)).strip()
-      height, width = (int(v) for v in batch["image_size"][i])
       try:
         boxes, error = template.parse_coordinates(answer, width, height).boxes, None
       except template.CoordinateParseError as e:
         boxes, error = [], str(e)
       masks, scores = [], []
-      for q in range(valid.shape[1]):
-        if valid[i, q]:
+      for q in range(generated.seg_valid.shape[1]):
+        if generated.seg_valid[i, q]:
           masks.append(np.asarray(pixel.postprocess_masks(
-              mask_logits[i, q], (height, width), int(self.config.model.vision.image_size),
-              binarize=True, threshold=float(self.config.model.pixel.mask_threshold))))
-          scores.append(float(iou[i, q]))
+              generated.mask_logits[i, q], (height, width),
+              int(self.config.model.vision.image_size), binarize=True,
+              threshold=float(self.config.model.pixel.mask_threshold))))
+          scores.append(float(generated.iou[i, q]))
       out.append(Prediction(answer, boxes, masks, scores, error))
     return out
 

@@ -1,4 +1,5 @@
-"""Training losses: next-token cross-entropy on answer tokens, and per-[SEG] mask BCE + Dice.
+"""Training losses: next-token cross-entropy on answer tokens, per-[SEG] mask BCE + Dice, and
+per-[BOX] L1 + generalised-IoU (the box head, models/box_head.py).
 
 Semantics follow LISA (`model/LISA.py`): every loss is normalised by the number of items that
 really exist (answer tokens, valid masks), never by padded sizes, so padding the batch to static
@@ -6,8 +7,9 @@ shapes changes no value. Each loss is safe when nothing is valid: the value is 0
 gradient is 0 (no NaN), because invalid items are removed with `jnp.where` before any division
 and every denominator is at least 1.
 
-Weights (`config.model.pixel.{ce,bce,dice}_weight`, LISA defaults 1.0 / 2.0 / 0.5) are applied in
-`weighted_total`; the per-term functions return unweighted means so they can be logged as is.
+Weights (`config.model.pixel.{ce,bce,dice}_weight`, LISA defaults 1.0 / 2.0 / 0.5, and
+`config.model.box.{l1,giou}_weight`) are applied in `weighted_total`; the per-term functions
+return unweighted means so they can be logged as is.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 # sums of a 1024 x 1024 mask stay small; it does not change the loss beyond rounding.
 DICE_SCALE = 1000.0
 DICE_EPS = 1e-6
+BOX_EPS = 1e-7
 
 
 def token_cross_entropy_per_example(logits: jax.Array, targets: jax.Array,
@@ -100,12 +103,57 @@ def mask_losses(mask_logits: jax.Array, seg_masks: jax.Array,
   return dict(bce=bce, dice=dice, num_masks=num_masks)
 
 
+def generalized_iou(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Generalised IoU of paired boxes (x1, y1, x2, y2): [..., 4] x2 -> [...] float32.
+
+  As torchvision's `generalized_box_iou` on the diagonal; degenerate (zero-area) pairs give
+  finite values because every denominator is kept >= a tiny epsilon.
+  """
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+  area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+  lo, hi = jnp.maximum(a[..., :2], b[..., :2]), jnp.minimum(a[..., 2:], b[..., 2:])
+  inter = jnp.prod(jnp.clip(hi - lo, 0.0), axis=-1)
+  union = area_a + area_b - inter
+  iou = inter / jnp.maximum(union, BOX_EPS)
+  enclose = jnp.prod(jnp.maximum(a[..., 2:], b[..., 2:]) - jnp.minimum(a[..., :2], b[..., :2]),
+                     axis=-1)
+  return iou - (enclose - union) / jnp.maximum(enclose, BOX_EPS)
+
+
+def box_losses(boxes: jax.Array, targets: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+  """DETR's box losses, each averaged over the valid boxes of the whole batch.
+
+  Args:
+    boxes: [B, Qb, 4] predicted (x1, y1, x2, y2) in [0, 1].
+    targets: [B, Qb, 4] target boxes, same frame.
+    valid: [B, Qb] bool.
+  Returns:
+    dict(l1 [] (summed over the 4 coordinates), giou [] (mean of 1 - gIoU), num_boxes []);
+    0 when no box is valid.
+  """
+  if boxes.shape != targets.shape or boxes.shape[:2] != valid.shape or boxes.shape[-1] != 4:
+    raise ValueError(f"box_losses: boxes {boxes.shape}, targets {targets.shape} and valid "
+                     f"{valid.shape} must agree on [B, Qb, 4]")
+  num_boxes = valid.sum().astype(jnp.float32)
+  denominator = jnp.maximum(num_boxes, 1.0)
+  keep = valid[..., None]
+  boxes = jnp.where(keep, boxes.astype(jnp.float32), 0.0)
+  targets = jnp.where(keep, targets.astype(jnp.float32), 0.0)
+  l1 = jnp.where(valid, jnp.abs(boxes - targets).sum(-1), 0.0).sum() / denominator
+  giou = jnp.where(valid, 1.0 - generalized_iou(boxes, targets), 0.0).sum() / denominator
+  return dict(l1=l1, giou=giou, num_boxes=num_boxes)
+
+
 def weighted_total(terms: Mapping[str, jax.Array], *, ce_weight: float, bce_weight: float,
-                   dice_weight: float) -> jax.Array:
-  """ce_weight * ce + bce_weight * bce + dice_weight * dice; absent terms count as 0."""
+                   dice_weight: float, l1_weight: float = 0.0,
+                   giou_weight: float = 0.0) -> jax.Array:
+  """ce_weight * ce + bce_weight * bce + dice_weight * dice + l1_weight * l1
+  + giou_weight * giou; absent terms count as 0."""
   zero = jnp.zeros((), jnp.float32)
   return (ce_weight * terms.get("ce", zero) + bce_weight * terms.get("bce", zero)
-          + dice_weight * terms.get("dice", zero))
+          + dice_weight * terms.get("dice", zero) + l1_weight * terms.get("l1", zero)
+          + giou_weight * terms.get("giou", zero))
 
 
 def per_task_mean(values: jax.Array, counts: jax.Array, task_id: jax.Array,

@@ -13,6 +13,11 @@ Text contract (shared by the data pipeline, the model's token splicing and infer
   any order and more than once.
 * Boxes and points in text are integers in 0..COORD_BINS-1 of the image side (x by width, y by
   height): a box is `[x1,y1,x2,y2]`, a point is `[x,y]`.
+* With the box head on (`model.box.head`, models/box_head.py), the model does not spell a box
+  out digit by digit: the tokenizer side turns every answer box into one `[BOX]` token plus a
+  target box (`answer_boxes_to_tokens`), and generation writes the head's box back in the same
+  `[x1,y1,x2,y2]` text where the model emitted `[BOX]`. Records, references, metrics and the
+  parser only ever see the text format.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ VP_START = "<vp>"
 VP_END = "</vp>"
 VP_PATCH = "<vp_patch>"
 SEG = "[SEG]"
+BOX = "[BOX]"
 PAD = "<pad>"
 
 # Tokens added to any base tokenizer, in this order (embedding rows are appended in this
 # order, so resizing is deterministic).
 SPECIAL_TOKENS: tuple[str, ...] = (IMAGE_START, IMAGE_END, IMAGE_PATCH, VP_START, VP_END,
-                                   VP_PATCH, SEG)
+                                   VP_PATCH, SEG, BOX)
 
 VP_PLACEHOLDER_RE = re.compile(r"<vp(\d+)>")
 
@@ -150,6 +156,24 @@ def parse_coordinates(text: str, width: float, height: float) -> ParsedCoordinat
       raise CoordinateParseError(f"coordinates {match.group(0)!r}: expected 2 (point) or 4 "
                                  f"(box) integers, got {len(values)}")
   return ParsedCoordinates(boxes=boxes, points=points)
+
+
+def answer_boxes_to_tokens(text: str, width: float, height: float
+                           ) -> tuple[str, list[tuple[float, float, float, float]]]:
+  """Answer text -> (text with each `[x1,y1,x2,y2]` replaced by `[BOX]`, the boxes in pixels).
+
+  Points and non-numeric brackets stay text. Malformed coordinates raise CoordinateParseError
+  (as `parse_coordinates`), so a record the text path would reject is rejected here too.
+  """
+  boxes = parse_coordinates(text, width, height).boxes
+  if not boxes:
+    return text, []
+  pieces, pos = [], 0
+  for match in _NUMBER_LIST_RE.finditer(text):
+    if len(match.group(1).split(",")) == 4:
+      pieces += [text[pos:match.start()], BOX]
+      pos = match.end()
+  return "".join(pieces) + text[pos:], boxes
 
 
 def try_parse_boxes(text: str, width: float, height: float):

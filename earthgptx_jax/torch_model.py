@@ -20,6 +20,7 @@ Ports of the project's own modules (same parameter names as the Flax modules, to
                             prompt_sae/, which is the Flax ViT exactly; Fourier features with the
                             config's fixed Gaussian stored as a buffer)
   * `RegionEncoder`      <- models/regions.py RegionEncoder (RoIAlign as torch `grid_sample`)
+  * `BoxHead`            <- models/box_head.py BoxHead (model.box.head)
   * `ContentIntegration` <- models/fusion.py ContentIntegration (+ Projector)
   * `PixelDecoder`       <- models/pixel.py PixelDecoder (the [SEG] MLP, the optional dense-map
                             projection, HF SAM parts for the rest)
@@ -27,8 +28,9 @@ Ports of the project's own modules (same parameter names as the Flax modules, to
   * `splice_tokens`, `gather_seg_states` <- models/earthgptx.py / pixel.py, same static-shape math.
 
 `EarthGPTXTorch.forward(batch)` takes batch.py's fields as torch tensors (channels-last images as
-in the contract) and returns (logits [B, L, V], mask_logits [B, Q, S, S], iou [B, Q]) with the
-semantics of `EarthGPTX.__call__` (tests/test_export_torch.py checks fp32 parity).
+in the contract) and returns (logits [B, L, V], mask_logits [B, Q, S, S], iou [B, Q], boxes
+[B, Qb, 4]) with the semantics of `EarthGPTX.__call__` (tests/test_export_torch.py checks fp32
+parity).
 """
 
 from __future__ import annotations
@@ -355,6 +357,44 @@ class RegionEncoder(nn.Module):
     return torch.where(valid[..., None], x, 0)
 
 
+class BoxHead(nn.Module):
+  """box_head.BoxHead: ([BOX] states [B, Qb, H], valid [B, Qb], global-view map NCHW)
+  -> boxes [B, Qb, 4] in [0, 1] (zeros at invalid slots)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    super().__init__()
+    box, vision = cfg.box, cfg.vision
+    self.dim = box.dim
+    channels = vision.convnext.dims[box.feature_stage]
+    stage = range(len(vision.convnext.dims))[box.feature_stage]
+    side = vision.image_size // (vision.convnext.patch_size * 2 ** stage)
+    self.query_norm = nn.LayerNorm(cfg.llm.hidden_size, eps=box.layer_norm_eps)
+    self.query = nn.Linear(cfg.llm.hidden_size, box.dim)
+    self.feature_norm = nn.LayerNorm(channels, eps=box.layer_norm_eps)
+    self.key = nn.Linear(channels, box.dim)
+    self.value = nn.Linear(channels, box.dim)
+    self.position = nn.Parameter(torch.zeros(side * side, box.dim))
+    self.fc1 = nn.Linear(2 * box.dim, box.dim)
+    self.fc2 = nn.Linear(box.dim, 4)
+
+  def forward(self, states, valid, features):
+    _, _, h, w = features.shape
+    query = self.query(self.query_norm(states))
+    cells = self.feature_norm(features.flatten(2).transpose(1, 2))  # [B, h*w, C]
+    keys = self.key(cells) + self.position
+    attention = torch.softmax(query @ keys.transpose(1, 2) / math.sqrt(self.dim), dim=-1)
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w,
+                            indexing="ij")
+    centres = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1).to(attention.dtype)
+    pooled = attention @ self.value(cells)
+    x = self.fc2(F.gelu(self.fc1(torch.cat([pooled, query], dim=-1))))
+    centre = attention @ centres + torch.tanh(x[..., :2]) / torch.tensor(
+        [w, h], dtype=x.dtype)
+    half = torch.sigmoid(x[..., 2:]) / 2
+    boxes = torch.cat([centre - half, centre + half], dim=-1).clamp(0.0, 1.0)
+    return torch.where(valid[..., None], boxes, torch.zeros((), dtype=boxes.dtype))
+
+
 def _normalise(x, mean, std):
   """[N, S, S, 3] in [0, 1] -> NCHW normalised with the encoder's pretraining mean / std."""
   mean, std = torch.tensor(mean, dtype=x.dtype), torch.tensor(std, dtype=x.dtype)
@@ -387,6 +427,8 @@ class EarthGPTXTorch(nn.Module):
     self.integration = ContentIntegration(m.prompt, image_channels, m.llm.hidden_size)
     self.llm = llm  # transformers LlamaForCausalLM       <- llm
     self.pixel = PixelDecoder(m.pixel, m.llm.hidden_size, _dense_channels(m.vision), sam_config)
+    if m.box.head:
+      self.box_head = BoxHead(m)  # <- box_head
 
   @classmethod
   def from_pretrained(cls, folder: str | os.PathLike) -> EarthGPTXTorch:
@@ -437,7 +479,8 @@ class EarthGPTXTorch(nn.Module):
     return [k for k in self.state_dict() if not k.startswith(standard)]
 
   def encode_visual(self, batch):
-    """-> image tokens [B, N, H], prompt tokens [B, P, K, H], dense map [B, h, w, C_d]."""
+    """-> image tokens [B, N, H], prompt tokens [B, P, K, H], dense map [B, h, w, C_d], the box
+    head's global-view map NCHW (None with the head off)."""
     m_cfg = self.model_config
     v_cfg = m_cfg.vision
     pv = batch["pixel_values"].to(self.dtype)
@@ -481,14 +524,18 @@ class EarthGPTXTorch(nn.Module):
       region = self.region_encoder([global_maps[n] for n in m_cfg.prompt.region.sources],
                                    batch["prompt_geometry"].to(self.dtype), batch["prompt_valid"])
       prompt_llm = prompt_llm + region[:, :, None, :]
-    return image_llm, prompt_llm, dense
+    box_features = None
+    if m_cfg.box.head:
+      box_features = stages[m_cfg.box.feature_stage]
+      box_features = box_features.reshape(b, v, *box_features.shape[1:])[:, 0]
+    return image_llm, prompt_llm, dense, box_features
 
   def forward(self, batch: dict[str, torch.Tensor]):
-    """batch.py fields -> (logits [B, L, V], mask_logits [B, Q, S, S], iou [B, Q]), all in
-    the model's dtype."""
+    """batch.py fields -> (logits [B, L, V], mask_logits [B, Q, S, S], iou [B, Q], boxes
+    [B, Qb, 4] (zeros with the box head off)), all in the model's dtype."""
     m = self.model_config
     ids = batch["input_ids"].long()
-    image_llm, prompt_llm, dense = self.encode_visual(batch)
+    image_llm, prompt_llm, dense, box_features = self.encode_visual(batch)
     embeds = splice_tokens(self.llm.get_input_embeddings()(ids), ids,
                            batch["vp_token_index"].long(), image_llm, prompt_llm,
                            _token_id(m, "image_patch"))
@@ -501,7 +548,12 @@ class EarthGPTXTorch(nn.Module):
                                   m.pixel.max_seg)
     masks, iou = self.pixel(states, batch["pixel_values"][:, 0], dense,
                             batch["pixel_values"].shape[2])
-    return logits, masks, iou
+    boxes = torch.zeros(ids.shape[0], m.box.max_boxes, 4, dtype=hidden.dtype)
+    if m.box.head:
+      states, valid = gather_seg_states(hidden, batch["targets"].long(), _token_id(m, "box"),
+                                        m.box.max_boxes)
+      boxes = self.box_head(states, valid, box_features)
+    return logits, masks, iou, boxes
 
 
 def _token_id(model_config, name: str) -> int:

@@ -15,6 +15,7 @@ def tiny_config(**train_overrides):
   config = fusion.get_config("tiny")
   vocab = config.model.llm.vocab_size
   # The trainer takes these from the tokenizer; tests reserve the last ids of the vocabulary.
+  config.model.token_ids.box = vocab - 4
   config.model.token_ids.image_patch = vocab - 3
   config.model.token_ids.vp_patch = vocab - 2
   config.model.token_ids.seg = vocab - 1
@@ -24,7 +25,8 @@ def tiny_config(**train_overrides):
 
 
 def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Images, two prompts, text with spliced placeholders, answer loss, one [SEG] + mask each."""
+  """Images, two prompts, text with spliced placeholders, answer loss, one [SEG] + mask and one
+  [BOX] + box each."""
   rng = np.random.default_rng(seed)
   b = batch_lib.example_batch(config, batch_size)
   ids = config.model.token_ids
@@ -52,7 +54,7 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray
       tokens += [ids.vp_patch] * k
       vp_index += [p * k + j for j in range(k)]
     question = list(rng.integers(3, vocab - 10, 12))
-    answer = list(rng.integers(3, vocab - 10, 6)) + [ids.seg, 2]  # ..., [SEG], EOS
+    answer = list(rng.integers(3, vocab - 10, 6)) + [ids.box, ids.seg, 2]  # ..., [BOX], [SEG], EOS
     prompt_len = len(tokens) + len(question)
     tokens += question + answer
     vp_index += [-1] * (len(question) + len(answer))
@@ -68,6 +70,9 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray
     y0, x0 = rng.integers(0, s // 2, 2)
     b["seg_masks"][i, 0, y0:y0 + s // 4, x0:x0 + s // 4] = 1.0
     b["seg_valid"][i, 0] = True
+    corner = rng.uniform(0, 0.6, 2)
+    b["box_targets"][i, 0] = [*corner, *(corner + rng.uniform(0.1, 0.4, 2))]
+    b["box_valid"][i, 0] = True
   b["image_size"][:] = s
   b["task_id"][:] = np.arange(batch_size) % 3
   assert length >= n

@@ -156,13 +156,53 @@ def test_answer_and_seg_mask_match_the_stored_record(config, tokenizer):
   assert seen
 
 
+def test_answer_boxes_become_box_tokens_with_global_view_targets(config, tokenizer):
+  """Box head on: each answer box is one [BOX] token and a target in the global view's [0, 1]
+  frame (the text's bin centres through the global view's affine); off: the digits stay text."""
+  source = loader._source(config, "synthetic_optical", "train")
+  ids = loader.TokenIds.from_tokenizer(tokenizer)
+  with_head = loader.ExampleProcessor(config, tokenizer)
+  text_only = config.copy_and_resolve_references()
+  text_only.model.box.head = False
+  without_head = loader.ExampleProcessor(text_only, tokenizer)
+  size = config.model.vision.image_size
+  seen = 0
+  for i in range(len(source)):
+    record = schema.from_features(source[i])
+    if record.task != "box_grounding":
+      continue
+    example = with_head.process(source[i])
+    height, width = example["image_size"]
+    (box,) = template.parse_coordinates(record.turns[1], width, height).boxes
+    answer = example["targets"][example["loss_mask"]].tolist()
+    assert answer.count(ids.box) == 1 and example["box_valid"].tolist() == [True, False]
+    affine = example["view_affine"][0]
+    corners = np.array([[box[0], box[1], 1], [box[2], box[3], 1]]) @ affine.T / size
+    np.testing.assert_allclose(example["box_targets"][0], corners.reshape(-1), rtol=1e-6)
+    assert example["box_targets"][0].max() <= 1 and example["box_targets"][1].sum() == 0
+    plain = without_head.process(source[i])
+    assert ids.box not in plain["input_ids"] and not plain["box_valid"].any()
+    assert tokenizer.decode(plain["targets"][plain["loss_mask"]]) == (
+        " " + record.turns[1] + tokenizer.eos_token)
+    seen += 1
+  assert seen
+  valid = np.ones(1 + config.model.vision.max_tiles, bool)
+  three = " ".join(["[1,2,3,4]"] * 3)
+  with pytest.raises(schema.BadRecordError, match="too_many.*model.box.max_boxes=2"):
+    with_head.tokenize(["<image>\nq", three], "optical", valid, (100, 100))
+  # A literal "[BOX]" in the data has no target box: it becomes a space, never the token.
+  text, _, boxes = with_head.tokenize(["<image>\nq", "a [BOX] b"], "optical", valid, (100, 100))
+  assert ids.box not in text["input_ids"] and boxes == []
+
+
 def test_truncation_keeps_prompt_and_cuts_the_answer(config, tokenizer):
   short = config.copy_and_resolve_references()
   short.data.max_length = 120
   processor = loader.ExampleProcessor(short, tokenizer)
   valid = np.ones(1 + config.model.vision.max_tiles, bool)
   long_answer = " ".join(["ship"] * 200)
-  text, _ = processor.tokenize(["<image>\nq", long_answer, "next?", "more"], "optical", valid)
+  text, _, _ = processor.tokenize(["<image>\nq", long_answer, "next?", "more"], "optical", valid,
+                                  (100, 100))
   ids = loader.TokenIds.from_tokenizer(tokenizer)
   assert (text["input_ids"] != ids.pad).all()  # filled to the limit
   assert np.sum(text["input_ids"] == ids.image_patch) == 3 * 16  # image tokens whole
@@ -170,7 +210,8 @@ def test_truncation_keeps_prompt_and_cuts_the_answer(config, tokenizer):
   with pytest.raises(schema.BadRecordError, match="too_long"):
     tiny = short.copy_and_resolve_references()
     tiny.data.max_length = 40
-    loader.ExampleProcessor(tiny, tokenizer).tokenize(["<image>\nq", "a"], "optical", valid)
+    loader.ExampleProcessor(tiny, tokenizer).tokenize(["<image>\nq", "a"], "optical", valid,
+                                                      (100, 100))
 
 
 def test_mixing_proportions_within_2_percent(config):
@@ -245,6 +286,7 @@ def _bad_variants(good: schema.Record) -> dict[str, schema.Record]:
                                    masks=(small,)),
       "no_answer": r(good, turns=("<image>\nWhat?",)),
       "bad_placeholder": r(good, turns=("<image>\nWhat is <vp3>?", "ship")),
+      "bad_answer_box": r(good, turns=("<image>\nWhere is the ship?", "[10,20,30]")),
   }
 
 

@@ -60,9 +60,14 @@ def test_torch_model_matches_jax(exported):
   _, _, _, figures, reference, batch = exported
   print("parity", figures)
   assert figures["logits"] <= RTOL and figures["mask_logits"] <= RTOL and figures["iou"] <= RTOL
-  # The batch exercises every path: a padding tile, prompts of each type, a [SEG] per example.
+  assert figures["boxes"] <= RTOL
+  # The batch exercises every path: a padding tile, prompts of each type, a [SEG] and a [BOX]
+  # per example.
   assert not batch["view_valid"].all() and set(batch["prompt_type"][batch["prompt_valid"]]) == {0, 1}
-  assert (batch["targets"] == tiny_config().model.token_ids.seg).sum(axis=1).tolist() == [1, 1]
+  ids = tiny_config().model.token_ids
+  assert (batch["targets"] == ids.seg).sum(axis=1).tolist() == [1, 1]
+  assert (batch["targets"] == ids.box).sum(axis=1).tolist() == [1, 1]
+  assert (reference["boxes"][:, 0] > 0).any() and not reference["boxes"][:, 1].any()
   assert np.abs(reference["mask_logits"]).max() > 0 and np.isfinite(reference["logits"]).all()
 
 

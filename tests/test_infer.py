@@ -123,3 +123,25 @@ def test_cli_writes_answer_and_overlay(tmp_path, workdir, shared_data):
   from PIL import Image
   with Image.open(out) as img:
     assert img.size[::-1] == preprocess_shape((shared_data / SIRST_IMAGE).read_bytes())
+
+
+def test_box_tokens_are_written_as_the_heads_boxes_in_the_original_frame(predictor):
+  """[BOX] -> the head's box (global view, [0, 1]) mapped back through the global view's affine
+  and written in template.py's format; [SEG] leaves the text; the rest decodes as is."""
+  from data_pipelines import views
+  config, tok = predictor.config, predictor.tokenizer
+  ids, size = config.model.token_ids, config.model.vision.image_size
+  height, width = 90, 150  # landscape: the global view pads the bottom
+  affine = views.view_affines(height, width, size, 0)[0][0]
+  box = (30.0, 12.0, 96.0, 60.0)
+  in_view = np.array([[box[0], box[1], 1], [box[2], box[3], 1]]) @ affine.T / size
+  generated = (tok.encode("the ship is at", add_special_tokens=False) + [ids.box, ids.seg]
+               + tok.encode(" left", add_special_tokens=False) + [ids.eos])
+  answer = infer.answer_text(generated, tok, config, in_view.reshape(1, 4), affine,
+                             (height, width))
+  assert answer.startswith("the ship is at [") and answer.endswith("] left")
+  (parsed,) = template.parse_coordinates(answer, width, height).boxes
+  np.testing.assert_allclose(parsed, box, atol=width / template.COORD_BINS)
+  # More [BOX] tokens than boxes (beyond model.box.max_boxes): the extra ones leave the text.
+  assert infer.answer_text([ids.box, ids.box], tok, config, in_view.reshape(1, 4), affine,
+                           (height, width)).count("[") == 1

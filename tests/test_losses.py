@@ -120,3 +120,33 @@ def test_shape_mismatch_is_a_clear_error():
   with pytest.raises(ValueError, match="loss_mask"):
     losses.token_cross_entropy(jnp.zeros((1, 4, 3)), jnp.zeros((1, 4), jnp.int32),
                                jnp.zeros((1, 5), bool))
+
+
+def test_box_losses_match_torchvision_giou_and_detr_l1():
+  from torchvision.ops import generalized_box_iou_loss
+  rng = np.random.default_rng(0)
+  lo = rng.uniform(0, 0.6, (2, 3, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(0.0, 0.4, (2, 3, 2))], -1).astype(np.float32)
+  lo = rng.uniform(0, 0.6, (2, 3, 2))
+  targets = np.concatenate([lo, lo + rng.uniform(0.05, 0.4, (2, 3, 2))], -1).astype(np.float32)
+  boxes[0, 1] = targets[0, 1]  # a perfect box: gIoU 1, L1 0
+  boxes[1, 0] = [0.3, 0.3, 0.3, 0.3]  # a degenerate (zero-area) prediction stays finite
+  valid = np.array([[True, True, False], [True, True, True]])
+  boxes[0, 2] = np.nan  # padding may hold anything
+  got = losses.box_losses(jnp.asarray(boxes), jnp.asarray(targets), jnp.asarray(valid))
+  b, t = torch.from_numpy(boxes[valid]), torch.from_numpy(targets[valid])
+  np.testing.assert_allclose(got["giou"], generalized_box_iou_loss(b, t, reduction="mean"),
+                             rtol=1e-5)
+  np.testing.assert_allclose(got["l1"], (b - t).abs().sum(-1).mean(), rtol=1e-5)
+  assert float(got["num_boxes"]) == 5
+  np.testing.assert_allclose(losses.generalized_iou(targets[0, 1], targets[0, 1]), 1.0, rtol=1e-6)
+
+
+def test_box_losses_without_valid_boxes_are_zero_with_finite_gradient():
+  boxes = jnp.full((2, 2, 4), jnp.nan)
+  grad = jax.grad(lambda x: sum(losses.box_losses(x, jnp.zeros((2, 2, 4)),
+                                                  jnp.zeros((2, 2), bool))[k]
+                                for k in ("l1", "giou")))(boxes)
+  assert np.isfinite(np.asarray(grad)).all() and not np.asarray(grad).any()
+  with pytest.raises(ValueError, match="box_losses"):
+    losses.box_losses(jnp.zeros((2, 2, 4)), jnp.zeros((2, 3, 4)), jnp.zeros((2, 2), bool))

@@ -6,11 +6,12 @@
       prompt tokens + RegionEncoder(RoIAlign in each prompt's box, global-view maps) [B,P,1,H]
     text embeddings with image / prompt tokens spliced in at <im_patch> / <vp_patch> -> Llama
     last-layer hidden state that predicts each [SEG] -> PixelDecoder(dense) -> mask logits
+    ... and each [BOX] (model.box.head) -> BoxHead(global-view ConvNeXt map) -> box
 
 Splicing and [SEG] gathering use only static shapes (cumsum + take_along_axis + where), so the
-whole forward jits once per config. As in LISA, the hidden state used for a [SEG] is the one
-*at the position that predicts it* (`targets == [SEG]`); generation reads the same state, the
-one that emitted the [SEG] token.
+whole forward jits once per config. As in LISA, the hidden state used for a [SEG] (or [BOX]) is
+the one *at the position that predicts it* (`targets == [SEG]`); generation reads the same
+state, the one that emitted the token.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from earthgptx_jax.models import fusion, llama, pixel, prompts, regions, vision
+from earthgptx_jax.models import box_head, fusion, llama, pixel, prompts, regions, vision
 
 
 class EarthGPTXOutput(NamedTuple):
@@ -31,6 +32,15 @@ class EarthGPTXOutput(NamedTuple):
   mask_logits: jax.Array  # [B, Q, S, S], global-view frame
   iou_scores: jax.Array  # [B, Q]
   seg_valid: jax.Array  # [B, Q]: a [SEG] exists at that slot
+  boxes: jax.Array  # [B, Qb, 4], global view in [0, 1] (zeros with the box head off)
+  box_valid: jax.Array  # [B, Qb]: a [BOX] exists at that slot
+
+
+class VisualFeatures(NamedTuple):
+  image_llm: jax.Array  # [B, N, H] image tokens at LLM width
+  prompt_llm: jax.Array  # [B, P, K, H] prompt tokens at LLM width
+  dense: jax.Array  # [B, h, w, C] the pixel decoder's map
+  box_features: jax.Array  # [B, h, w, C] the box head's global-view map ([B, 0, 0, 0] if off)
 
 
 def token_id(config: ml_collections.ConfigDict, name: str) -> int:
@@ -97,9 +107,14 @@ class EarthGPTX(nn.Module):
     self.integration = fusion.ContentIntegration(cfg.prompt, cfg.llm.hidden_size)
     self.llm = llama.Llama(cfg.llm)
     self.pixel = pixel.PixelDecoder(cfg.pixel)
+    if cfg.box.head:
+      stages = len(cfg.vision.convnext.dims)
+      if not -stages <= cfg.box.feature_stage < stages:
+        raise ValueError(f"model.box.feature_stage: {cfg.box.feature_stage} is not a ConvNeXt "
+                         f"stage (the trunk has {stages})")
+      self.box_head = box_head.BoxHead(cfg.box)
 
-  def encode_visual(self, batch):
-    """-> image tokens [B,N,H], prompt tokens [B,P,K,H] (LLM width), dense map [B,h,w,C]."""
+  def encode_visual(self, batch) -> VisualFeatures:
     image_tokens, dense, global_stages = self.vision(batch["pixel_values"])
     tokens_per_view = image_tokens.shape[1] // batch["view_valid"].shape[1]
     image_valid = jnp.repeat(batch["view_valid"], tokens_per_view, axis=1)
@@ -115,7 +130,11 @@ class EarthGPTX(nn.Module):
               for name in self.config.prompt.region.sources]
       region = self.region_encoder(maps, batch["prompt_geometry"], batch["prompt_valid"])
       prompt_llm = prompt_llm + region[:, :, None, :].astype(prompt_llm.dtype)
-    return image_llm, prompt_llm, dense
+    if self.config.box.head:
+      box_features = global_stages[self.config.box.feature_stage]
+    else:
+      box_features = jnp.zeros((dense.shape[0], 0, 0, 0), dense.dtype)
+    return VisualFeatures(image_llm, prompt_llm, dense, box_features)
 
   def embed_inputs(self, batch, image_llm, prompt_llm):
     """Text embeddings [B,L,H] with the visual tokens spliced in."""
@@ -139,10 +158,23 @@ class EarthGPTX(nn.Module):
       mask_logits, iou = self.pixel(states, valid, dense_features=dense, out_size=size)
     return mask_logits, iou, valid
 
+  def decode_boxes(self, hidden_states, box_positions_ids, box_features):
+    """Boxes [B,Qb,4] and valid [B,Qb] for every [BOX] predicted where
+    `box_positions_ids == [BOX]`; with the box head off, zeros and all False."""
+    b, qb = hidden_states.shape[0], self.config.box.max_boxes
+    if not self.config.box.head:
+      return jnp.zeros((b, qb, 4), jnp.float32), jnp.zeros((b, qb), bool)
+    states, valid = pixel.gather_seg_states(hidden_states, box_positions_ids,
+                                            token_id(self.config, "box"), qb)
+    return self.box_head(states, valid, box_features), valid
+
   def __call__(self, batch) -> EarthGPTXOutput:
-    image_llm, prompt_llm, dense = self.encode_visual(batch)
-    embeds = self.embed_inputs(batch, image_llm, prompt_llm)
+    visual = self.encode_visual(batch)
+    embeds = self.embed_inputs(batch, visual.image_llm, visual.prompt_llm)
     out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
     mask_logits, iou, valid = self.decode_masks(out.hidden_states, batch["targets"],
-                                                batch["pixel_values"], dense)
-    return EarthGPTXOutput(out.logits, out.hidden_states, mask_logits, iou, valid)
+                                                batch["pixel_values"], visual.dense)
+    boxes, box_valid = self.decode_boxes(out.hidden_states, batch["targets"],
+                                         visual.box_features)
+    return EarthGPTXOutput(out.logits, out.hidden_states, mask_logits, iou, valid, boxes,
+                           box_valid)

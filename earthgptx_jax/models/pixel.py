@@ -36,7 +36,7 @@ def gather_seg_states(hidden: jax.Array, input_ids: jax.Array, seg_token_id: int
   Args:
     hidden: [B, L, H] last-layer hidden states.
     input_ids: [B, L] tokens.
-    seg_token_id: id of `template.SEG`.
+    seg_token_id: id of `template.SEG` (the box head gathers its `template.BOX` states here).
     max_seg: Q, slots per example. [SEG] tokens beyond Q are dropped here; the data path
       (`validate_seg_targets`) rejects such examples before they reach the model.
   Returns:
