@@ -85,6 +85,6 @@ def load_into(params: Mapping, config: ml_collections.ConfigDict,
   else:
     log("pixel: random init (model.pixel.pretrained_path unset)")
   new = ["prompt encoder", *(["region encoder"] if config.model.prompt.region.sources else []),
-         "integration, projector"]
+         "integration, projector", *(["box head"] if config.model.box.head else [])]
   log(f"{', '.join(new)}: random init (new modules)")
   return params
