@@ -6,7 +6,7 @@
 Both sides start from the same weights (ours exported with `earthgptx_jax.export_torch` and
 loaded as `EarthGPTXTorch`), take the same batch from the data pipeline (synthetic_rs, the
 preset's loader) and do one full optimizer step: forward, the project's loss (answer-token CE
-+ mask BCE + Dice + box L1 + gIoU, config weights), backward, global-norm clipping, AdamW. The first losses
++ mask BCE + Dice + box L1 + gIoU + cell CE, config weights), backward, global-norm clipping, AdamW. The first losses
 must agree (printed). Reported: the compile time of our step, the median step time of each
 (after warm-up; both sides alternate so shared-CPU load hits them alike; `block_until_ready`
 on ours), the ratio ours / torch, our FLOP/s (XLA's count of the compiled step) as a fraction
@@ -58,7 +58,7 @@ def prepared_data(preset: str, batch_size: int, data_dir: str, num_records: int 
   return data, batch
 
 
-def torch_loss(config, batch, logits, mask_logits, boxes):
+def torch_loss(config, batch, logits, mask_logits, boxes, cell_logits):
   """The project's training loss (earthgptx_jax/losses.py) in torch, for the reference step."""
   loss_mask = batch["loss_mask"].bool()
   nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].long().flatten(),
@@ -81,8 +81,16 @@ def torch_loss(config, batch, logits, mask_logits, boxes):
   num_boxes = box_valid.sum().clamp(min=1)
   l1 = (pred - target).abs().sum() / num_boxes
   giou = torchvision.ops.generalized_box_iou_loss(pred, target, reduction="sum") / num_boxes
+  cell = torch.zeros(())
+  if cell_logits is not None:
+    h, w_cells = cell_logits.shape[-2:]
+    centre = (target[:, :2] + target[:, 2:]) / 2
+    col = (centre[:, 0] * w_cells).floor().clamp(0, w_cells - 1).long()
+    row = (centre[:, 1] * h).floor().clamp(0, h - 1).long()
+    cell = torch.nn.functional.cross_entropy(cell_logits[box_valid].flatten(1), row * w_cells + col,
+                                             reduction="sum") / num_boxes
   return (w.ce_weight * ce + w.bce_weight * bce + w.dice_weight * dice + wb.l1_weight * l1
-          + wb.giou_weight * giou)
+          + wb.giou_weight * giou + wb.cell_weight * cell)
 
 
 def run(data, batch: dict[str, np.ndarray], repeats: int = 5, warmup: int = 2,
@@ -129,8 +137,8 @@ def run(data, batch: dict[str, np.ndarray], repeats: int = 5, warmup: int = 2,
 
     def torch_step():
       torch_opt.zero_grad(set_to_none=True)
-      logits, mask_logits, _, boxes = torch_model(tbatch)
-      loss = torch_loss(config, tbatch, logits, mask_logits, boxes)
+      logits, mask_logits, _, boxes, cell_logits = torch_model(tbatch, return_box_cell_logits=True)
+      loss = torch_loss(config, tbatch, logits, mask_logits, boxes, cell_logits)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(torch_model.parameters(), tc.grad_clip_norm)
       torch_opt.step()

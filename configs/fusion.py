@@ -200,6 +200,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       feature_stage=1,  # ConvNeXt stage the head reads (stride 8: 8x8 cells at 64 px)
       dim=32 if is_tiny else 256,  # query / key width of the head's attention
       l1_weight=1.0, giou_weight=1.0,
+      cell_weight=1.0,  # CE of the head's attention against the target centre's cell
+      init_size=0.1,  # side of a new head's boxes, a fraction of the view
       layer_norm_eps=1e-6, initializer_range=0.02,
       dtype="float32" if is_tiny else "bfloat16", param_dtype="float32"))
 

@@ -345,7 +345,10 @@ def verification_batch(config: ml_collections.ConfigDict, batch_size: int = 2, s
     b["loss_mask"][i, n - len(text) - 1:n - 1] = True
     b["vp_token_index"][i, :n] = vp_index
     b["seg_valid"][i, 0] = True
-    b["box_valid"][i, 0] = box_head
+    # Example 0 regresses at its target's cell (training), example 1 at its argmax cell.
+    b["box_valid"][i, 0] = box_head and i == 0
+    corner = rng.uniform(0.1, 0.6, 2)
+    b["box_targets"][i, 0] = [*corner, *(corner + 0.3)]
   b["image_size"][:] = s
   return b
 

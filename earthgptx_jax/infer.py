@@ -74,9 +74,9 @@ class Generator:
   def _heads_impl(self, params, hidden, tokens, pixel_values, dense, box_features):
     masks = self.model.apply({"params": params}, hidden, tokens, pixel_values, dense,
                              method=earthgptx.EarthGPTX.decode_masks)
-    boxes = self.model.apply({"params": params}, hidden, tokens, box_features,
-                             method=earthgptx.EarthGPTX.decode_boxes)
-    return (*masks, *boxes)
+    boxes, box_valid, _ = self.model.apply({"params": params}, hidden, tokens, box_features,
+                                           method=earthgptx.EarthGPTX.decode_boxes)
+    return (*masks, boxes, box_valid)
 
   def __call__(self, batch: dict[str, np.ndarray], *, max_new_tokens: int,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Generated:

@@ -145,15 +145,31 @@ def box_losses(boxes: jax.Array, targets: jax.Array, valid: jax.Array) -> dict[s
   return dict(l1=l1, giou=giou, num_boxes=num_boxes)
 
 
+def box_cell_loss(cell_logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+  """Cross-entropy of the box head's cell logits against the cell that holds each target box's
+  centre (`box_head.centre_cells`), averaged over the valid boxes (0 when none).
+
+  cell_logits [B, Qb, h, w]; targets [B, Qb, 4] in [0, 1]; valid [B, Qb].
+  """
+  from earthgptx_jax.models.box_head import centre_cells
+  b, q, h, w = cell_logits.shape
+  if targets.shape != (b, q, 4) or valid.shape != (b, q):
+    raise ValueError(f"box_cell_loss: cell_logits {cell_logits.shape}, targets {targets.shape} "
+                     f"and valid {valid.shape} must agree on [B, Qb]")
+  logp = jax.nn.log_softmax(cell_logits.reshape(b, q, h * w).astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, centre_cells(targets, h, w)[..., None], axis=-1)[..., 0]
+  return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
+
+
 def weighted_total(terms: Mapping[str, jax.Array], *, ce_weight: float, bce_weight: float,
-                   dice_weight: float, l1_weight: float = 0.0,
-                   giou_weight: float = 0.0) -> jax.Array:
+                   dice_weight: float, l1_weight: float = 0.0, giou_weight: float = 0.0,
+                   cell_weight: float = 0.0) -> jax.Array:
   """ce_weight * ce + bce_weight * bce + dice_weight * dice + l1_weight * l1
-  + giou_weight * giou; absent terms count as 0."""
+  + giou_weight * giou + cell_weight * cell; absent terms count as 0."""
   zero = jnp.zeros((), jnp.float32)
   return (ce_weight * terms.get("ce", zero) + bce_weight * terms.get("bce", zero)
           + dice_weight * terms.get("dice", zero) + l1_weight * terms.get("l1", zero)
-          + giou_weight * terms.get("giou", zero))
+          + giou_weight * terms.get("giou", zero) + cell_weight * terms.get("cell", zero))
 
 
 def per_task_mean(values: jax.Array, counts: jax.Array, task_id: jax.Array,

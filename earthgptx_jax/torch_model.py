@@ -358,8 +358,9 @@ class RegionEncoder(nn.Module):
 
 
 class BoxHead(nn.Module):
-  """box_head.BoxHead: ([BOX] states [B, Qb, H], valid [B, Qb], global-view map NCHW)
-  -> boxes [B, Qb, 4] in [0, 1] (zeros at invalid slots)."""
+  """box_head.BoxHead: ([BOX] states [B, Qb, H], valid [B, Qb], global-view map NCHW, optional
+  target boxes [B, Qb, 4] and their valid [B, Qb]) -> (boxes [B, Qb, 4] in [0, 1] (zeros at
+  invalid slots), cell logits [B, Qb, h, w])."""
 
   def __init__(self, cfg: ml_collections.ConfigDict):
     super().__init__()
@@ -377,22 +378,27 @@ class BoxHead(nn.Module):
     self.fc1 = nn.Linear(2 * box.dim, box.dim)
     self.fc2 = nn.Linear(box.dim, 4)
 
-  def forward(self, states, valid, features):
+  def forward(self, states, valid, features, targets=None, target_valid=None):
     _, _, h, w = features.shape
     query = self.query(self.query_norm(states))
     cells = self.feature_norm(features.flatten(2).transpose(1, 2))  # [B, h*w, C]
     keys = self.key(cells) + self.position
-    attention = torch.softmax(query @ keys.transpose(1, 2) / math.sqrt(self.dim), dim=-1)
-    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w,
-                            indexing="ij")
-    centres = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1).to(attention.dtype)
-    pooled = attention @ self.value(cells)
-    x = self.fc2(F.gelu(self.fc1(torch.cat([pooled, query], dim=-1))))
-    centre = attention @ centres + torch.tanh(x[..., :2]) / torch.tensor(
-        [w, h], dtype=x.dtype)
+    logits = query @ keys.transpose(1, 2) / math.sqrt(self.dim)  # [B, Qb, h*w]
+    cell = logits.argmax(-1)
+    if targets is not None:
+      centre = (targets[..., :2] + targets[..., 2:]).float() / 2
+      col = (centre[..., 0] * w).floor().clamp(0, w - 1).long()
+      row = (centre[..., 1] * h).floor().clamp(0, h - 1).long()
+      cell = torch.where(target_valid.bool(), row * w + col, cell)
+    values = self.value(cells)
+    picked = torch.gather(values, 1, cell[..., None].expand(-1, -1, values.shape[-1]))
+    x = self.fc2(F.gelu(self.fc1(torch.cat([picked, query], dim=-1))))
+    corner = torch.stack([cell % w, cell // w], dim=-1).to(x.dtype)
+    centre = (corner + torch.sigmoid(x[..., :2])) / torch.tensor([w, h], dtype=x.dtype)
     half = torch.sigmoid(x[..., 2:]) / 2
     boxes = torch.cat([centre - half, centre + half], dim=-1).clamp(0.0, 1.0)
-    return torch.where(valid[..., None], boxes, torch.zeros((), dtype=boxes.dtype))
+    boxes = torch.where(valid[..., None], boxes, torch.zeros((), dtype=boxes.dtype))
+    return boxes, logits.unflatten(-1, (h, w))
 
 
 def _normalise(x, mean, std):
@@ -530,9 +536,11 @@ class EarthGPTXTorch(nn.Module):
       box_features = box_features.reshape(b, v, *box_features.shape[1:])[:, 0]
     return image_llm, prompt_llm, dense, box_features
 
-  def forward(self, batch: dict[str, torch.Tensor]):
+  def forward(self, batch: dict[str, torch.Tensor], return_box_cell_logits: bool = False):
     """batch.py fields -> (logits [B, L, V], mask_logits [B, Q, S, S], iou [B, Q], boxes
-    [B, Qb, 4] (zeros with the box head off)), all in the model's dtype."""
+    [B, Qb, 4] (zeros with the box head off)), all in the model's dtype; with
+    `return_box_cell_logits` also the box head's attention logits [B, Qb, h, w] (for the
+    training loss; None with the head off)."""
     m = self.model_config
     ids = batch["input_ids"].long()
     image_llm, prompt_llm, dense, box_features = self.encode_visual(batch)
@@ -549,10 +557,15 @@ class EarthGPTXTorch(nn.Module):
     masks, iou = self.pixel(states, batch["pixel_values"][:, 0], dense,
                             batch["pixel_values"].shape[2])
     boxes = torch.zeros(ids.shape[0], m.box.max_boxes, 4, dtype=hidden.dtype)
+    cell_logits = None
     if m.box.head:
       states, valid = gather_seg_states(hidden, batch["targets"].long(), _token_id(m, "box"),
                                         m.box.max_boxes)
-      boxes = self.box_head(states, valid, box_features)
+      boxes, cell_logits = self.box_head(states, valid, box_features,
+                                         batch["box_targets"].to(hidden.dtype),
+                                         batch["box_valid"])
+    if return_box_cell_logits:
+      return logits, masks, iou, boxes, cell_logits
     return logits, masks, iou, boxes
 
 

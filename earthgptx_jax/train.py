@@ -86,7 +86,7 @@ class ProgressLogger:
     self._steps += 1
     self._examples += examples
     self._tokens += tokens
-    for k in ("loss", "ce", "mask_bce", "mask_dice", "box_l1", "box_giou", "grad_norm"):
+    for k in ("loss", "ce", "mask_bce", "mask_dice", "box_l1", "box_giou", "box_cell", "grad_norm"):
       self._sums[k] = self._sums.get(k, 0.0) + float(metrics[k])
     self._sums["skipped"] = self._sums.get("skipped", 0.0) + float(metrics["update_skipped"])
     self._task_ce += np.asarray(metrics["task_ce_sum"])
@@ -108,7 +108,8 @@ class ProgressLogger:
     eta = step_time * (self.total_steps - step)
     line = (f"step {step}/{self.total_steps} loss {out['loss']:.4f} (ce {out['ce']:.3f} "
             f"bce {out['mask_bce']:.3f} dice {out['mask_dice']:.3f}"
-            + (f" box l1 {out['box_l1']:.3f} giou {out['box_giou']:.3f}" if self.box_head else "")
+            + (f" box l1 {out['box_l1']:.3f} giou {out['box_giou']:.3f} cell "
+               f"{out['box_cell']:.3f}" if self.box_head else "")
             + ") | "
             + " ".join(f"{k} {v:.3f}" for k, v in task_loss.items())
             + f" | {out['tokens_per_s']:.0f} tok/s {out['examples_per_s']:.1f} ex/s"

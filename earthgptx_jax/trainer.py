@@ -112,16 +112,20 @@ def compute_losses(model, config, trainable, batch, num_tasks: int):
   ce = ce_sum.sum() / jnp.maximum(ce_count.sum(), 1.0)
   seg_valid = out.seg_valid & batch["seg_valid"]
   mask = losses.mask_losses(out.mask_logits, batch["seg_masks"], seg_valid)
-  box = losses.box_losses(out.boxes, batch["box_targets"], out.box_valid & batch["box_valid"])
+  box_valid = out.box_valid & batch["box_valid"]
+  box = losses.box_losses(out.boxes, batch["box_targets"], box_valid)
+  box["cell"] = losses.box_cell_loss(out.box_cell_logits, batch["box_targets"], box_valid)
   box_cfg = config.model.box
   total = losses.weighted_total({"ce": ce, **mask, **box}, ce_weight=pixel_cfg.ce_weight,
                                 bce_weight=pixel_cfg.bce_weight, dice_weight=pixel_cfg.dice_weight,
-                                l1_weight=box_cfg.l1_weight, giou_weight=box_cfg.giou_weight)
+                                l1_weight=box_cfg.l1_weight, giou_weight=box_cfg.giou_weight,
+                                cell_weight=box_cfg.cell_weight)
   task_ce_mean, task_count = losses.per_task_mean(ce_sum, ce_count, batch["task_id"], num_tasks)
   task_ce_sum = task_ce_mean * task_count
   metrics = {"loss": total, "ce": ce, "mask_bce": mask["bce"], "mask_dice": mask["dice"],
              "answer_tokens": ce_count.sum(), "task_ce_sum": task_ce_sum, "task_tokens": task_count,
              "masks": jnp.sum(seg_valid), "box_l1": box["l1"], "box_giou": box["giou"],
+             "box_cell": box["cell"],
              "boxes": box["num_boxes"]}
   return total, metrics
 
@@ -151,7 +155,7 @@ def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
     (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
     scale = 1.0 / accum
     grads = jax.tree.map(lambda g: g * scale, grads)
-    for k in ("loss", "ce", "mask_bce", "mask_dice", "box_l1", "box_giou"):
+    for k in ("loss", "ce", "mask_bce", "mask_dice", "box_l1", "box_giou", "box_cell"):
       metrics[k] = metrics[k] * scale
     return grads, metrics
 

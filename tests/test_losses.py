@@ -150,3 +150,18 @@ def test_box_losses_without_valid_boxes_are_zero_with_finite_gradient():
   assert np.isfinite(np.asarray(grad)).all() and not np.asarray(grad).any()
   with pytest.raises(ValueError, match="box_losses"):
     losses.box_losses(jnp.zeros((2, 2, 4)), jnp.zeros((2, 3, 4)), jnp.zeros((2, 2), bool))
+
+
+def test_box_cell_loss_is_cross_entropy_at_the_target_centres_cell():
+  rng = np.random.default_rng(1)
+  logits = rng.standard_normal((2, 2, 4, 8)).astype(np.float32)  # h=4, w=8
+  targets = np.array([[[0.1, 0.6, 0.3, 0.9], [0.0, 0.0, 0.0, 0.0]],
+                      [[0.5, 0.0, 0.99, 0.2], [0.9, 0.9, 1.0, 1.0]]], np.float32)
+  valid = np.array([[True, False], [True, True]])
+  got = losses.box_cell_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(valid))
+  # Centres (0.2, 0.75) -> row 3 col 1; (0.745, 0.1) -> row 0 col 5; (0.95, 0.95) -> row 3 col 7.
+  cells = torch.tensor([3 * 8 + 1, 0 * 8 + 5, 3 * 8 + 7])
+  flat = torch.from_numpy(logits).flatten(2)[torch.from_numpy(valid)]
+  np.testing.assert_allclose(got, F.cross_entropy(flat, cells), rtol=1e-6)
+  assert float(losses.box_cell_loss(jnp.asarray(logits), jnp.asarray(targets),
+                                    jnp.zeros((2, 2), bool))) == 0.0

@@ -34,6 +34,7 @@ class EarthGPTXOutput(NamedTuple):
   seg_valid: jax.Array  # [B, Q]: a [SEG] exists at that slot
   boxes: jax.Array  # [B, Qb, 4], global view in [0, 1] (zeros with the box head off)
   box_valid: jax.Array  # [B, Qb]: a [BOX] exists at that slot
+  box_cell_logits: jax.Array  # [B, Qb, h, w] the box head's attention logits ([B, Qb, 1, 1] if off)
 
 
 class VisualFeatures(NamedTuple):
@@ -158,15 +159,20 @@ class EarthGPTX(nn.Module):
       mask_logits, iou = self.pixel(states, valid, dense_features=dense, out_size=size)
     return mask_logits, iou, valid
 
-  def decode_boxes(self, hidden_states, box_positions_ids, box_features):
-    """Boxes [B,Qb,4] and valid [B,Qb] for every [BOX] predicted where
-    `box_positions_ids == [BOX]`; with the box head off, zeros and all False."""
+  def decode_boxes(self, hidden_states, box_positions_ids, box_features, box_targets=None,
+                   box_target_valid=None):
+    """Boxes [B,Qb,4], valid [B,Qb] and the head's cell logits [B,Qb,h,w] for every [BOX]
+    predicted where `box_positions_ids == [BOX]`; with the box head off, zeros and all False.
+    With targets (training), slots with a valid target regress at its centre cell."""
     b, qb = hidden_states.shape[0], self.config.box.max_boxes
     if not self.config.box.head:
-      return jnp.zeros((b, qb, 4), jnp.float32), jnp.zeros((b, qb), bool)
+      return (jnp.zeros((b, qb, 4), jnp.float32), jnp.zeros((b, qb), bool),
+              jnp.zeros((b, qb, 1, 1), jnp.float32))
     states, valid = pixel.gather_seg_states(hidden_states, box_positions_ids,
                                             token_id(self.config, "box"), qb)
-    return self.box_head(states, valid, box_features), valid
+    boxes, cell_logits = self.box_head(states, valid, box_features, box_targets,
+                                       box_target_valid)
+    return boxes, valid, cell_logits
 
   def __call__(self, batch) -> EarthGPTXOutput:
     visual = self.encode_visual(batch)
@@ -174,7 +180,8 @@ class EarthGPTX(nn.Module):
     out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
     mask_logits, iou, valid = self.decode_masks(out.hidden_states, batch["targets"],
                                                 batch["pixel_values"], visual.dense)
-    boxes, box_valid = self.decode_boxes(out.hidden_states, batch["targets"],
-                                         visual.box_features)
+    boxes, box_valid, cell_logits = self.decode_boxes(out.hidden_states, batch["targets"],
+                                                      visual.box_features, batch["box_targets"],
+                                                      batch["box_valid"])
     return EarthGPTXOutput(out.logits, out.hidden_states, mask_logits, iou, valid, boxes,
-                           box_valid)
+                           box_valid, cell_logits)
