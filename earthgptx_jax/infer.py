@@ -112,14 +112,15 @@ def answer_text(ids: Sequence[int], tokenizer, config: ml_collections.ConfigDict
   image_hw: the original (height, width).
   """
   token_ids = config.model.token_ids
-  seg_id, box_id = int(token_ids.seg), int(token_ids.get("box", -1))
+  seg_id, box_id = int(token_ids.seg), token_ids.get("box", None)
+  box_id = -1 if box_id is None else int(box_id)  # configs from before the box head
   ids = [t for t in ids if t != seg_id]
   size = float(config.model.vision.image_size)
   height, width = image_hw
   linear, shift = np.asarray(global_affine, np.float64)[:, :2], np.asarray(global_affine)[:, 2]
   pieces, start, q = [], 0, 0
   for i, t in enumerate(ids):
-    if t != box_id or box_id < 0:
+    if t != box_id:
       continue
     pieces.append(tokenizer.decode(ids[start:i], skip_special_tokens=True))
     if q < len(boxes):
