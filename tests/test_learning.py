@@ -1,11 +1,12 @@
 """The README's main job end to end: train the tiny preset on synthetic_rs, then score it.
 
 Thresholds sit about half of what this command measured (1000 steps, the first 300 of them the
-alignment stage; all 300 held-out examples; 2 CPU cores): image_caption CIDEr 2.03, region_caption
-CIDEr 1.58, VQA accuracy 0.59, referring-segmentation gIoU 0.157, scene classification 0.54
-(chance 0.25, asserted at 0.33), score 0.69. An untrained model scores ~0 on each. In that mixed
-budget referring classification (0.17 on 30 examples, chance 0.20), relation (0.03) and box
-Acc@0.5 (0.0) stay near chance; they are reported in metrics.json, not asserted there. Referring
+alignment stage; all 300 held-out examples; 2 CPU cores; with the box head): image_caption
+CIDEr 2.03, region_caption CIDEr 1.47, VQA accuracy 0.59, referring-segmentation gIoU 0.146, scene
+classification 0.44 (chance 0.25, asserted at 0.33), score 0.66. An untrained model scores ~0 on
+each. In that mixed budget referring classification (0.17 on 30 examples, chance 0.20), relation
+(0.0) and box Acc@0.5 (0.02) stay near chance; they are reported in metrics.json, not asserted
+there. Referring
 classification has its own run below: trained on it alone for 600 steps, the tiny model names the
 prompted object on 0.54 of 95 held-out examples (asserted at 0.35; without the region features,
 `model.prompt.region.sources=()`, the same run gives 0.20 (19 of 95, the class prior)). Box
