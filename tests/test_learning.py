@@ -48,7 +48,9 @@ def test_tiny_preset_learns_on_synthetic_data(tmp_path):
   assert metrics["eval/referring_segmentation/gIoU"] >= 0.07
   assert metrics["eval/scene_classification/accuracy"] >= 0.33
   assert metrics["eval/score"] >= 0.35
-  assert metrics["loss"] < 2.0  # from ~6.3 (ln 512 plus mask terms) at step 1
+  # Answer-token CE over the last log interval: 0.57 measured, ~6.1 (ln 512) at the start. The
+  # total also holds the mask and box terms (3.24 measured; the box cell CE alone is ~1.9).
+  assert metrics["ce"] < 1.2
 
 
 @pytest.mark.slow
