@@ -6,8 +6,8 @@
 Both sides start from the same weights (ours exported with `earthgptx_jax.export_torch` and
 loaded as `EarthGPTXTorch`), take the same batch from the data pipeline (synthetic_rs, the
 preset's loader) and do one full optimizer step: forward, the project's loss (answer-token CE
-+ mask BCE + Dice + box L1 + gIoU + cell CE, config weights), backward, global-norm clipping, AdamW. The first losses
-must agree (printed). Reported: the compile time of our step, the median step time of each
++ mask BCE + Dice + box L1 + gIoU + cell CE, config weights), backward, global-norm clipping,
+AdamW. The first losses must agree (printed). Reported: the compile time of our step, the median step time of each
 (after warm-up; both sides alternate so shared-CPU load hits them alike; `block_until_ready`
 on ours), the ratio ours / torch, our FLOP/s (XLA's count of the compiled step) as a fraction
 of the float32 GEMM rate measured in the same run, and the process's peak RSS after each side.
@@ -29,6 +29,7 @@ import torchvision
 from flax import linen as nn
 
 from earthgptx_jax import perf, sharding, trainer
+from earthgptx_jax import torch_model as torch_model_lib
 
 DICE_SCALE, DICE_EPS = 1000.0, 1e-6  # as earthgptx_jax/losses.py (LISA)
 
@@ -83,11 +84,8 @@ def torch_loss(config, batch, logits, mask_logits, boxes, cell_logits):
   giou = torchvision.ops.generalized_box_iou_loss(pred, target, reduction="sum") / num_boxes
   cell = torch.zeros(())
   if cell_logits is not None:
-    h, w_cells = cell_logits.shape[-2:]
-    centre = (target[:, :2] + target[:, 2:]) / 2
-    col = (centre[:, 0] * w_cells).floor().clamp(0, w_cells - 1).long()
-    row = (centre[:, 1] * h).floor().clamp(0, h - 1).long()
-    cell = torch.nn.functional.cross_entropy(cell_logits[box_valid].flatten(1), row * w_cells + col,
+    cells = torch_model_lib.centre_cells(target, *cell_logits.shape[-2:])
+    cell = torch.nn.functional.cross_entropy(cell_logits[box_valid].flatten(1), cells,
                                              reduction="sum") / num_boxes
   return (w.ce_weight * ce + w.bce_weight * bce + w.dice_weight * dice + wb.l1_weight * l1
           + wb.giou_weight * giou + wb.cell_weight * cell)
@@ -125,11 +123,10 @@ def run(data, batch: dict[str, np.ndarray], repeats: int = 5, warmup: int = 2,
   fns = [jax_step]
   if with_torch:
     from earthgptx_jax import export_torch
-    from earthgptx_jax.torch_model import EarthGPTXTorch
     with tempfile.TemporaryDirectory() as tmp:
       folder = pathlib.Path(tmp) / "export"
       export_torch.write_folder(config, params0, folder, tokenizer_dir=None)
-      torch_model = EarthGPTXTorch.from_pretrained(folder).train()
+      torch_model = torch_model_lib.EarthGPTXTorch.from_pretrained(folder).train()
     tbatch = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
     tc = config.train
     torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=tc.learning_rate,

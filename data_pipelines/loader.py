@@ -194,9 +194,9 @@ class ExampleProcessor:
   def _box_fields(self, boxes, global_affine: np.ndarray) -> dict[str, np.ndarray]:
     """Answer boxes in original pixels -> box_targets / box_valid in the global-view frame."""
     targets = np.zeros((self.max_boxes, 4), np.float32)
-    for q, (x1, y1, x2, y2) in enumerate(boxes):
-      corners = np.array([[x1, y1, 1.0], [x2, y2, 1.0]]) @ global_affine.T / self.image_size
-      targets[q] = np.clip(np.concatenate([corners.min(0), corners.max(0)]), 0.0, 1.0)
+    if boxes:
+      in_view = views.boxes_to_view(np.asarray(boxes), global_affine) / self.image_size
+      targets[:len(boxes)] = np.clip(in_view, 0.0, 1.0)
     return dict(box_targets=targets, box_valid=np.arange(self.max_boxes) < len(boxes))
 
   def _encode(self, text: str) -> list[int]:

@@ -3,8 +3,9 @@ r"""Evaluate a trained EarthGPT-X: generate answers and masks, score per task/mo
   python -m earthgptx_jax.evaluate --workdir=DIR [--split=test] [--out=metrics.json]
 
 Answers are generated greedily after each example's last question (the reference answer is cut
-off); boxes are parsed from the answer text (where the box head wrote its boxes), masks decoded from the generated [SEG] tokens and
-mapped back to the original image exactly as SAM post-processes. An unparseable answer or a
+off); boxes are parsed from the answer text (where the box head, if on, wrote its boxes), masks
+decoded from the generated [SEG] tokens and mapped back to the original image exactly as SAM
+post-processes. An unparseable answer or a
 missing [SEG] scores as wrong, never as a crash.
 """
 

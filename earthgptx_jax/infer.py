@@ -111,24 +111,22 @@ def answer_text(ids: Sequence[int], tokenizer, config: ml_collections.ConfigDict
   global_affine: [2, 3] the global view's affine (batch.py `view_affine[:, 0]`);
   image_hw: the original (height, width).
   """
+  from data_pipelines import views
   token_ids = config.model.token_ids
   seg_id, box_id = int(token_ids.seg), token_ids.get("box", None)
   box_id = -1 if box_id is None else int(box_id)  # configs from before the box head
   ids = [t for t in ids if t != seg_id]
   size = float(config.model.vision.image_size)
   height, width = image_hw
-  linear, shift = np.asarray(global_affine, np.float64)[:, :2], np.asarray(global_affine)[:, 2]
   pieces, start, q = [], 0, 0
   for i, t in enumerate(ids):
     if t != box_id:
       continue
     pieces.append(tokenizer.decode(ids[start:i], skip_special_tokens=True))
     if q < len(boxes):
-      corners = np.linalg.solve(linear, (np.asarray(boxes[q], np.float64).reshape(2, 2) * size
-                                         - shift).T).T  # global view -> original pixels
-      x1, y1 = np.clip(corners.min(0), 0, [width, height])
-      x2, y2 = np.clip(corners.max(0), 0, [width, height])
-      pieces.append(f" {template.format_box((x1, y1, x2, y2), width, height)} ")
+      box = views.boxes_to_original(np.asarray(boxes[q]) * size, global_affine)
+      box = np.clip(box, 0, [width, height, width, height])
+      pieces.append(f" {template.format_box(box, width, height)} ")
     q += 1
     start = i + 1
   pieces.append(tokenizer.decode(ids[start:], skip_special_tokens=True))

@@ -1,5 +1,5 @@
 """Training losses: next-token cross-entropy on answer tokens, per-[SEG] mask BCE + Dice, and
-per-[BOX] L1 + generalised-IoU (the box head, models/box_head.py).
+per-[BOX] L1 + generalised-IoU + centre-cell cross-entropy (the box head, models/box_head.py).
 
 Semantics follow LISA (`model/LISA.py`): every loss is normalised by the number of items that
 really exist (answer tokens, valid masks), never by padded sizes, so padding the batch to static
@@ -8,7 +8,7 @@ gradient is 0 (no NaN), because invalid items are removed with `jnp.where` befor
 and every denominator is at least 1.
 
 Weights (`config.model.pixel.{ce,bce,dice}_weight`, LISA defaults 1.0 / 2.0 / 0.5, and
-`config.model.box.{l1,giou}_weight`) are applied in `weighted_total`; the per-term functions
+`config.model.box.{l1,giou,cell}_weight`) are applied in `weighted_total`; the per-term functions
 return unweighted means so they can be logged as is.
 """
 
@@ -18,6 +18,8 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+
+from earthgptx_jax.models.box_head import centre_cells
 
 # LISA's Dice: predicted and target masses are divided by this before summing, so the fp32
 # sums of a 1024 x 1024 mask stay small; it does not change the loss beyond rounding.
@@ -151,7 +153,6 @@ def box_cell_loss(cell_logits: jax.Array, targets: jax.Array, valid: jax.Array) 
 
   cell_logits [B, Qb, h, w]; targets [B, Qb, 4] in [0, 1]; valid [B, Qb].
   """
-  from earthgptx_jax.models.box_head import centre_cells
   b, q, h, w = cell_logits.shape
   if targets.shape != (b, q, 4) or valid.shape != (b, q):
     raise ValueError(f"box_cell_loss: cell_logits {cell_logits.shape}, targets {targets.shape} "

@@ -357,6 +357,15 @@ class RegionEncoder(nn.Module):
     return torch.where(valid[..., None], x, 0)
 
 
+def centre_cells(boxes, h: int, w: int):
+  """box_head.centre_cells: [..., 4] boxes in [0, 1] -> [...] index (row * w + col) of the
+  h x w cell holding each centre."""
+  centre = (boxes[..., :2] + boxes[..., 2:]).float() / 2
+  col = (centre[..., 0] * w).floor().clamp(0, w - 1).long()
+  row = (centre[..., 1] * h).floor().clamp(0, h - 1).long()
+  return row * w + col
+
+
 class BoxHead(nn.Module):
   """box_head.BoxHead: ([BOX] states [B, Qb, H], valid [B, Qb], global-view map NCHW, optional
   target boxes [B, Qb, 4] and their valid [B, Qb]) -> (boxes [B, Qb, 4] in [0, 1] (zeros at
@@ -386,10 +395,7 @@ class BoxHead(nn.Module):
     logits = query @ keys.transpose(1, 2) / math.sqrt(self.dim)  # [B, Qb, h*w]
     cell = logits.argmax(-1)
     if targets is not None:
-      centre = (targets[..., :2] + targets[..., 2:]).float() / 2
-      col = (centre[..., 0] * w).floor().clamp(0, w - 1).long()
-      row = (centre[..., 1] * h).floor().clamp(0, h - 1).long()
-      cell = torch.where(target_valid.bool(), row * w + col, cell)
+      cell = torch.where(target_valid.bool(), centre_cells(targets, h, w), cell)
     values = self.value(cells)
     picked = torch.gather(values, 1, cell[..., None].expand(-1, -1, values.shape[-1]))
     x = self.fc2(F.gelu(self.fc1(torch.cat([picked, query], dim=-1))))
@@ -539,7 +545,7 @@ class EarthGPTXTorch(nn.Module):
   def forward(self, batch: dict[str, torch.Tensor], return_box_cell_logits: bool = False):
     """batch.py fields -> (logits [B, L, V], mask_logits [B, Q, S, S], iou [B, Q], boxes
     [B, Qb, 4] (zeros with the box head off)), all in the model's dtype; with
-    `return_box_cell_logits` also the box head's attention logits [B, Qb, h, w] (for the
+    `return_box_cell_logits` also the box head's cell logits [B, Qb, h, w] (for the
     training loss; None with the head off)."""
     m = self.model_config
     ids = batch["input_ids"].long()

@@ -86,7 +86,8 @@ class ProgressLogger:
     self._steps += 1
     self._examples += examples
     self._tokens += tokens
-    for k in ("loss", "ce", "mask_bce", "mask_dice", "box_l1", "box_giou", "box_cell", "grad_norm"):
+    for k in ("loss", "ce", "mask_bce", "mask_dice", "box_l1", "box_giou", "box_cell",
+              "grad_norm"):
       self._sums[k] = self._sums.get(k, 0.0) + float(metrics[k])
     self._sums["skipped"] = self._sums.get("skipped", 0.0) + float(metrics["update_skipped"])
     self._task_ce += np.asarray(metrics["task_ce_sum"])

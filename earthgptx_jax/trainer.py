@@ -103,8 +103,8 @@ def batch_shardings(config, mesh, batch_size: int):
 
 
 def compute_losses(model, config, trainable, batch, num_tasks: int):
-  """Total loss and its parts: token CE (answer tokens), mask BCE and Dice, box L1 and gIoU, CE
-  per task."""
+  """Total loss and its parts: token CE (answer tokens), mask BCE and Dice, box L1, gIoU and
+  cell CE, CE per task."""
   out = model.apply({"params": model_params(trainable, config)}, batch)
   pixel_cfg = config.model.pixel
   ce_sum, ce_count = losses.token_cross_entropy_per_example(out.logits, batch["targets"],

@@ -100,8 +100,9 @@ def test_resize_embeddings_mean_rows(tied):
   old = params["embed_tokens"]["embedding"]
   assert emb.shape == (new_vocab, cfg.hidden_size)
   np.testing.assert_array_equal(emb[:cfg.vocab_size], old)
-  np.testing.assert_allclose(emb[cfg.vocab_size:], np.broadcast_to(old.mean(0), (len(template.SPECIAL_TOKENS), old.shape[1])),
-                             atol=1e-8)
+  added = len(template.SPECIAL_TOKENS)
+  np.testing.assert_allclose(emb[cfg.vocab_size:],
+                             np.broadcast_to(old.mean(0), (added, old.shape[1])), atol=1e-8)
   np.testing.assert_array_equal(emb, again["params"]["embed_tokens"]["embedding"])
   assert ("lm_head" in resized["params"]) == (not tied)
   if not tied:

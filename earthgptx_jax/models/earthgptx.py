@@ -34,7 +34,7 @@ class EarthGPTXOutput(NamedTuple):
   seg_valid: jax.Array  # [B, Q]: a [SEG] exists at that slot
   boxes: jax.Array  # [B, Qb, 4], global view in [0, 1] (zeros with the box head off)
   box_valid: jax.Array  # [B, Qb]: a [BOX] exists at that slot
-  box_cell_logits: jax.Array  # [B, Qb, h, w] the box head's attention logits ([B, Qb, 1, 1] if off)
+  box_cell_logits: jax.Array  # [B, Qb, h, w] the box head's cell logits ([B, Qb, 1, 1] if off)
 
 
 class VisualFeatures(NamedTuple):
