@@ -9,7 +9,7 @@ decoded from the generated [SEG] tokens and mapped back to the original image ex
 post-processes. An unparseable answer or a
 missing [SEG] scores as wrong, never as a crash. Caption records of one image (one record
 per reference caption, as the converters write them) are scored as one example against all
-of that image's captions (`metrics.merge_groups`).
+of that image's captions (`pool_image_references`).
 """
 
 from __future__ import annotations
