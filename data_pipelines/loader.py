@@ -608,6 +608,11 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer, split: str
   return StagedBatchIterator(batches(tasks), batches(), alignment_steps)
 
 
+def eval_sources(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
+  """name -> random-access source of `split`, for every source with a positive weight."""
+  return {name: _source(config, name, split) for name in _weights(config)}
+
+
 class EvalBatch(NamedTuple):
   batch: dict[str, np.ndarray]  # batch.py fields; padding rows are all zeros
   valid: np.ndarray  # [B] bool, False for padding rows of the last batch
@@ -624,8 +629,7 @@ def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer, split: str 
   from earthgptx_jax import batch as batch_lib
   batch_size = int(batch_size or config.train.batch_size)
   processor = ExampleProcessor(config, tokenizer)
-  split = split or config.data.eval_split
-  sources = {name: _source(config, name, split) for name in _weights(config)}
+  sources = eval_sources(config, split or config.data.eval_split)
   shards = [(sources[n], iter(_shard(len(sources[n]), n, process_index, process_count)))
             for n in sources]
   rows, records, seen = [], [], 0
@@ -674,9 +678,9 @@ class Data:
                      ) -> BatchIterator | StagedBatchIterator:
     return make_train_iterator(self.config, self.tokenizer, None, process_index, process_count)
 
-  def eval_iterator(self, process_index: int = 0, process_count: int = 1, **kwargs
-                    ) -> Iterator[EvalBatch]:
-    return make_eval_iterator(self.config, self.tokenizer, None, process_index, process_count,
+  def eval_iterator(self, process_index: int = 0, process_count: int = 1, *,
+                    split: str | None = None, **kwargs) -> Iterator[EvalBatch]:
+    return make_eval_iterator(self.config, self.tokenizer, split, process_index, process_count,
                               **kwargs)
 
 

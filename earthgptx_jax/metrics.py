@@ -6,11 +6,14 @@ or a predictions file. Each metric follows the definition its benchmark communit
 
 * classification and VQA accuracy: exact match after answer normalisation (`normalize_answer`);
   with several reference answers, the standard VQA soft accuracy (min(#agreeing / 3, 1),
-  averaged over the leave-one-annotator-out subsets);
+  averaged over the leave-one-annotator-out subsets); classification rows carry `chance`,
+  1 / the number of distinct (normalised) labels among the group's references;
 * SS and S-IoU: Osprey's open-vocabulary referring classification scores (cosine similarity of
   all-MiniLM-L6-v2 sentence embeddings; IoU of the word sets), with Osprey's text clean-up;
 * captions: BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D) from pycocoevalcap over PTB-tokenised text
-  (both the tokenizer and METEOR run Java);
+  (both the tokenizer and METEOR run Java); samples of one image (same `EvalSample.group`) are
+  one example, as in the COCO caption evaluation: the first one's caption is scored against
+  the references of all of them;
 * boxes: answers are parsed with `template.try_parse_boxes`; an answer with no or malformed
   boxes scores IoU 0 and counts as wrong (never an exception); Acc@0.5 and mean IoU;
 * masks: LISA's gIoU (mean per-mask IoU, an empty target with an empty prediction scores 1),
@@ -364,6 +367,11 @@ class EvalSample:
   `image_size` and `target_boxes` (box grounding; pixels of the original image), `pred_masks`
   and `target_masks` (one pair per [SEG]; a [SEG] the model did not produce is an all-zero
   prediction, so pass one pred per target).
+
+  `group`: samples of one task with the same non-empty group are one example (e.g. the
+  records of one image, one per reference caption): `evaluate` keeps the first one's answer
+  and scores it against the references of all of them, as the COCO caption evaluation scores
+  one caption per image against all of that image's captions (and counts the image once).
   """
   task: str
   modality: str
@@ -374,6 +382,24 @@ class EvalSample:
   target_boxes: tuple[Box, ...] = ()
   pred_masks: tuple[np.ndarray, ...] = ()  # each [H, W]
   target_masks: tuple[np.ndarray, ...] = ()  # each [H, W]
+  group: str = ""
+
+
+def merge_groups(samples: Sequence[EvalSample]) -> list[EvalSample]:
+  """Samples with the same (task, non-empty group) -> one sample: the first one, with the
+  references of all of them (in order). Others pass unchanged; order of first appearance."""
+  out: list[EvalSample] = []
+  first: dict[tuple[str, str], int] = {}
+  for s in samples:
+    key = (s.task, s.group)
+    if s.group and key in first:
+      kept = out[first[key]]
+      out[first[key]] = dataclasses.replace(kept, references=(*kept.references, *s.references))
+      continue
+    if s.group:
+      first[key] = len(out)
+    out.append(s)
+  return out
 
 
 class _Family(Protocol):
@@ -387,12 +413,15 @@ class _Family(Protocol):
 
 
 class _Accuracy(_Family):
+  """Exact-match accuracy, and chance: 1 / the number of distinct labels in the group."""
 
   def per_sample(self, samples):
-    return [exact_match(s.answer, _references(s.references, "references")) for s in samples]
+    return [(exact_match(s.answer, _references(s.references, "references")),
+             normalize_answer(s.references[0])) for s in samples]
 
   def reduce(self, stats):
-    return {"accuracy": float(np.mean(stats))}
+    return {"accuracy": float(np.mean([hit for hit, _ in stats])),
+            "chance": 1.0 / len({label for _, label in stats})}
 
 
 class _VQA(_Family):
@@ -488,13 +517,14 @@ def evaluate(samples: Sequence[EvalSample],
   """Scores samples per task, on all of the task, per modality and per source.
 
   Returns {"tasks": {task: {"all": row, "by_modality": {m: row}, "by_source": {s: row}}}}, a
-  row being {"n": count, metric: value, ...}. embed_fn: sentence embedder for SS (default
+  row being {"n": count, metric: value, ...}; samples of one `group` count once
+  (`merge_groups`). embed_fn: sentence embedder for SS (default
   all-MiniLM-L6-v2, loaded only when a task uses the "semantic" family). caption_scorer: reuse
   one across calls to start METEOR's JVM once (default: a scorer closed on return).
   """
   task_metrics = DEFAULT_TASK_METRICS if task_metrics is None else task_metrics
   by_task: dict[str, list[EvalSample]] = {}
-  for s in samples:
+  for s in merge_groups(samples):
     by_task.setdefault(s.task, []).append(s)
   results: dict[str, Any] = {}
   with contextlib.ExitStack() as stack:

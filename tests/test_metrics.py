@@ -2,6 +2,7 @@
 loop, Osprey's SentenceBERT path) and against hand-computed values, including empty and
 malformed answers."""
 
+import dataclasses
 import json
 import math
 
@@ -163,6 +164,34 @@ def _rsicd_captions(shared_data):
   names = sorted(p.name for p in (root / "raw_dataset" / "RSICD_images").glob("*.jpg"))
   strip = lambda c: c.replace("<start_seq>", "").replace("<end_seq>", "").strip()
   return {n: [strip(c) for c in captions[n]] for n in names if n in captions}
+
+
+def test_captions_of_one_image_are_scored_once_against_all_its_references(shared_data,
+                                                                           caption_scorer):
+  """RSICD stores one record per caption: each image's records share a group, so its first
+  prediction is scored against all of that image's captions (COCO caption evaluation), not
+  each record against its own single caption."""
+  from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=import-outside-toplevel
+  from pycocoevalcap.cider.cider import Cider  # pylint: disable=import-outside-toplevel
+  from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # pylint: disable=import-outside-toplevel
+  caps = dict(list(_rsicd_captions(shared_data).items())[:30])
+  # Prediction: the image's 1st caption; one record per other caption.
+  samples = [metrics.EvalSample("image_caption", "optical", "rsicd", c[0], (ref,), group=name)
+             for name, c in caps.items() for ref in c[1:]]
+  grouped = metrics.evaluate(samples, caption_scorer=caption_scorer)
+  single = metrics.evaluate([dataclasses.replace(s, group="") for s in samples],
+                            caption_scorer=caption_scorer)
+  grouped, single = (r["tasks"]["image_caption"]["all"] for r in (grouped, single))
+  assert grouped["n"] == len(caps) and single["n"] == 4 * len(caps)
+  assert grouped["CIDEr"] != pytest.approx(single["CIDEr"], rel=1e-6)
+  assert grouped["BLEU-4"] > single["BLEU-4"] + 0.1  # n-grams clipped against 4 references
+
+  tok = PTBTokenizer()
+  gts = tok.tokenize({n: [{"caption": x} for x in c[1:]] for n, c in caps.items()})
+  res = tok.tokenize({n: [{"caption": c[0]}] for n, c in caps.items()})
+  assert grouped["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-9)
+  bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+  assert grouped["BLEU-4"] == pytest.approx(bleu[3], rel=1e-9)
 
 
 @pytest.mark.slow  # starts a second METEOR JVM (its paraphrase table load dominates)
@@ -332,7 +361,8 @@ def test_evaluate_groups_equal_standalone_metrics(tmp_path):
   sar = subset("scene_classification", modality="sar")
   assert tasks["scene_classification"]["by_modality"]["sar"] == {
       "n": 2, "accuracy": metrics.classification_accuracy([x.answer for x in sar],
-                                                          [x.references for x in sar])}
+                                                          [x.references for x in sar]),
+      "chance": 1 / len({metrics.normalize_answer(x.references[0]) for x in sar})}
   assert tasks["scene_classification"]["all"]["accuracy"] == pytest.approx(2 / 4)
   ref = subset("referring_classification")
   assert tasks["referring_classification"]["all"]["S-IoU"] == pytest.approx(
