@@ -12,6 +12,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines import builders
+from earthgptx_jax import paths
 
 _DATASET = flags.DEFINE_string("dataset", None, f"one of {builders.DATASETS}", required=True)
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "the dataset's folder (real datasets)")
@@ -24,7 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/fusion.py:tiny",
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  paths.resolve_flags("manual_dir", "data_dir")
+  config = paths.resolve_config_paths(_CONFIG.value)
   name = _DATASET.value
   data_dir = _DATA_DIR.value or config.data.data_dir
   if name.startswith("synthetic_rs/"):

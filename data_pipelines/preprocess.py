@@ -75,9 +75,13 @@ def decode_image(data: bytes) -> np.ndarray:
 def _decode_tiff(data: bytes) -> np.ndarray:
   import tifffile
 
-  with tifffile.TiffFile(io.BytesIO(data)) as tif:
-    series = tif.series[0]
-    array, axes = series.asarray(), series.axes
+  try:
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+      series = tif.series[0]
+      array, axes = series.asarray(), series.axes
+  except Exception as e:  # a truncated header raises struct.error, IndexError, TiffFileError...
+    raise ValueError(f"image bytes: cannot decode TIFF {data[:8]!r}...: "
+                     f"{type(e).__name__}: {e}") from None
   if axes == "YX":
     array = array[..., None]
   elif axes in ("SYX", "CYX", "IYX", "QYX"):

@@ -21,6 +21,8 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from earthgptx_jax import paths
+
 
 class NoUsableCheckpointError(RuntimeError):
   """Every checkpoint in the directory failed to restore."""
@@ -36,7 +38,7 @@ class Checkpointer:
   """Saves and restores {state, data_iter, config} together; keeps last N and best K."""
 
   def __init__(self, directory: str | epath.PathLike, ckpt_cfg: ml_collections.ConfigDict):
-    self.directory = epath.Path(directory)
+    self.directory = epath.Path(paths.resolve(directory))  # Orbax rejects relative paths
     self._best_metric = ckpt_cfg.get("best_metric", None)
     policies = [preservation.LatestN(n=int(ckpt_cfg.max_to_keep))]
     if self._best_metric:

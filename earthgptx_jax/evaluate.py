@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from earthgptx_jax import metrics, template
+from earthgptx_jax import metrics, paths, template
 from earthgptx_jax.models import pixel
 
 # The metric that summarises each task in `score` (the mean over tasks), e.g. for keeping the
@@ -254,6 +254,7 @@ def run(argv) -> int:
   del argv
   from data_pipelines import loader
   from earthgptx_jax import infer
+  paths.resolve_flags("workdir", "out", "data_dir")
   if not _WORKDIR.value:
     raise infer.InferenceError("--workdir: required")
   datasets = parse_datasets(_DATASETS.value) if _DATASETS.value is not None else ()

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import ml_collections
 import numpy as np
 
-from earthgptx_jax import torch_model
+from earthgptx_jax import paths, torch_model
 from earthgptx_jax.convert import keymap
 from earthgptx_jax.convert.keymap import LINEAR, Rule
 
@@ -460,6 +460,7 @@ def run(argv) -> int:
   from absl import flags
   del argv
   fl = flags.FLAGS
+  paths.resolve_flags("workdir", "out", "import_folder")
   try:
     if not fl.workdir:
       raise ExportError("--workdir: required")

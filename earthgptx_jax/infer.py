@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from flax import linen as nn
 
-from earthgptx_jax import sharding, template
+from earthgptx_jax import paths, sharding, template
 from earthgptx_jax.models import decoding, earthgptx, llama
 
 
@@ -380,7 +380,8 @@ def _define_flags() -> None:
       "scribble", [], "A mask PNG, or a polyline 'x,y;x,y;...' ('...;closed' for a polygon).")
   _OUT = flags.DEFINE_string("out", None, "Write an overlay PNG here.")
   _REQUESTS = flags.DEFINE_string("requests", None, "Batch mode: JSONL of requests "
-                                  "{image, modality, text, points, boxes, scribbles}.")
+                                  "{image, modality, text, points, boxes, scribbles}; relative "
+                                  "image paths are read from the current directory.")
   _RESULTS = flags.DEFINE_string("results", None, "Batch mode: JSONL results written here.")
   _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Answer length limit.")
   _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
@@ -404,6 +405,7 @@ def _prediction_json(p: Prediction) -> dict:
 
 def run(argv) -> int:
   del argv
+  paths.resolve_flags("workdir", "image", "out", "requests", "results")
   if not _WORKDIR.value:
     raise InferenceError("--workdir: required")
   kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,

@@ -10,7 +10,6 @@ gs://). SIGTERM (TPU maintenance / preemption) saves a checkpoint and exits 0.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import sys
@@ -25,7 +24,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from earthgptx_jax import checkpointing, perf, trainer
+from earthgptx_jax import checkpointing, paths, perf, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fusion.py:tiny",
                                           lock_config=False)
@@ -266,9 +265,11 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   if not flags.FLAGS["verbosity"].present:  # Orbax/grain INFO lines drown the progress line
     logging.set_verbosity(logging.WARNING)
+  paths.resolve_flags("workdir")  # relative to the cwd; Orbax needs absolute paths
+  paths.resolve_config_paths(_CONFIG.value)
   cache_dir = _CONFIG.value.train.get("compilation_cache_dir", None)
   if cache_dir:  # a resumed or repeated run skips recompiling (minutes on small CPUs)
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

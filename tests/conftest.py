@@ -1,4 +1,5 @@
-"""Test-wide set-up: 8 XLA host devices (sharding tests), the shared real-data folder."""
+"""Test-wide set-up: 8 XLA host devices (sharding tests), the shared real-data folder, the
+hypothesis profile (`ci` when the CI variable is set)."""
 
 import os
 import pathlib
@@ -15,6 +16,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI runs the same examples every time (derandomized, no example database), and a failure prints
+# the blob that reproduces it; elsewhere hypothesis explores new examples each run. Tests that set
+# max_examples themselves keep theirs in both.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True,
+                          max_examples=100, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -65,8 +65,9 @@ _MUTATIONS = ("junk_image", "truncated_image", "empty_image", "modality", "task"
 
 
 @st.composite
-def records(draw):
-  """A valid record, then 0-2 mutations from _MUTATIONS."""
+def records(draw, mutations=None):
+  """A valid record, then `mutations` in order (default: 0-2 drawn from _MUTATIONS). A mutation
+  that does not apply to the record as it stands (no prompts, no answer turn...) is skipped."""
   rng = np.random.default_rng(draw(st.integers(0, 2**16)))
   h, w = draw(st.integers(1, 48)), draw(st.integers(1, 48))
   image = _png(rng.integers(0, 256, (h, w), np.uint8),
@@ -80,7 +81,9 @@ def records(draw):
   counts = [len(p[1]) for p in prompts]
   modality = draw(st.sampled_from(schema.MODALITIES))
   task = draw(st.sampled_from(schema.TASKS))
-  for m in draw(st.lists(st.sampled_from(_MUTATIONS), max_size=2)):
+  if mutations is None:
+    mutations = draw(st.lists(st.sampled_from(_MUTATIONS), max_size=2))
+  for m in mutations:
     if m == "junk_image":
       image = draw(st.binary(max_size=64))
     elif m == "truncated_image":
@@ -103,7 +106,7 @@ def records(draw):
         masks[0] = b"not a png"
       else:
         prompts[0][2] = b"not a png"
-    elif m == "extra_seg":
+    elif m == "extra_seg" and len(turns) > 1:
       turns[1] += f" {template.SEG}"
     elif m == "no_answer":
       turns = turns[:1]
@@ -143,7 +146,43 @@ def records(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(features=records())
 def test_only_documented_errors(processor, features):
-  proc, config = processor
+  _check_only_documented_errors(*processor, features)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(features=records(mutations=("no_answer", "extra_seg")))
+def test_extra_seg_after_no_answer_is_generated(processor, features):
+  """The generator once crashed here itself (IndexError: no answer turn to add [SEG] to)."""
+  assert len(features["turns"]) == 1
+  _check_only_documented_errors(*processor, features)
+
+
+@pytest.mark.parametrize("first", _MUTATIONS)
+@settings(max_examples=2, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.large_base_example, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_mutation_pair_is_generated(processor, first, data):
+  """Every ordered pair `records` can draw makes a record: the generator never fails itself."""
+  for second in _MUTATIONS:
+    features = data.draw(records(mutations=(first, second)), label=second)
+    _check_only_documented_errors(*processor, features)
+
+
+@pytest.mark.parametrize("image", [b"II*\x00", b"MM\x00*\x00\x00\x00\x08", b"II*\x00" + bytes(8)])
+def test_truncated_tiff_is_a_bad_record(processor, image):
+  """Found by the pair test: a TIFF header with nothing valid after it raised struct.error /
+  IndexError out of tifffile instead of a bad record."""
+  proc, _ = processor
+  features = {"id": b"fuzz", "image": image, "modality": b"optical", "source": b"fuzz",
+              "task": b"image_caption", "turns": [b"<image>\nDescribe.", b"ok"],
+              "prompt_kind": [], "prompt_num_points": np.zeros((0,), np.int32),
+              "prompt_points": np.zeros((0, 2), np.float32), "prompt_mask": [], "masks": []}
+  with pytest.raises(schema.BadRecordError) as e:
+    proc.process(features)
+  assert e.value.reason == "corrupt_image"
+
+
+def _check_only_documented_errors(proc, config, features):
   try:
     example = proc.process(features)
   except schema.BadRecordError as e:
