@@ -96,12 +96,12 @@ def test_cli_evaluates_another_split_of_the_configured_data(tmp_path, workdir):
 def test_cli_evaluates_a_workdir_on_a_built_real_dataset(tmp_path, workdir, shared_data):
   """The README's recipe as a user types it: build RSICD with data_pipelines.build, then
   evaluate the workdir on it, relative paths from the current directory."""
-  # TODO(i19-paths): --workdir relative too once workdir paths are resolved against the cwd.
+  (tmp_path / "run").symlink_to(workdir.path)  # the trained workdir, named relatively
   built = _run(tmp_path, "data_pipelines.build", "--dataset=rsicd",
                f"--manual_dir={shared_data / RSICD}", "--data_dir=data")
   assert built.returncode == 0, built.stderr[-3000:]
   assert "rsicd test: 500 records" in built.stdout
-  result = _run(tmp_path, "earthgptx_jax.evaluate", f"--workdir={workdir.path}", "--split=test",
+  result = _run(tmp_path, "earthgptx_jax.evaluate", "--workdir=run", "--split=test",
                 "--data_dir=data", "--datasets=rsicd", "--max_examples=8", "--out=m.json")
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((tmp_path / "m.json").read_text())
@@ -113,7 +113,7 @@ def test_cli_evaluates_a_workdir_on_a_built_real_dataset(tmp_path, workdir, shar
 
   for bad, needle in [("--datasets=rsicd,nope", "--datasets"),
                       ("--datasets=sirst", "sirst")]:  # known but not built under data/
-    result = _run(tmp_path, "earthgptx_jax.evaluate", f"--workdir={workdir.path}", "--split=test",
+    result = _run(tmp_path, "earthgptx_jax.evaluate", "--workdir=run", "--split=test",
                   "--data_dir=data", bad, "--out=bad.json")
     assert result.returncode == 2 and len(_error_lines(result)) == 1, result.stderr[-2000:]
     assert needle in _error_lines(result)[0]
