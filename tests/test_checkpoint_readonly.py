@@ -17,6 +17,7 @@ import pytest
 from data_pipelines import loader
 from earthgptx_jax import batch as batch_lib
 from earthgptx_jax import checkpointing, export_torch, infer, tokenizer as tokenizer_lib, trainer
+from earthgptx_jax import workdir_lock
 from model_fixtures import tiny_config
 
 
@@ -75,11 +76,12 @@ def _assert_equal_trees(got, want):
 
 def test_readers_leave_the_workdir_untouched_while_a_save_is_in_flight(run):
   wd, config, params = run
-  before = _snapshot(wd)
-  predictor = infer.Predictor.from_workdir(wd)
-  _, exported, step = export_torch.load_workdir(wd)
-  got_step, got = checkpointing.load_params(wd, config)
-  assert _snapshot(wd) == before
+  with workdir_lock.WorkdirLock(wd):  # a training job owns the workdir; readers take no lock
+    before = _snapshot(wd)
+    predictor = infer.Predictor.from_workdir(wd)
+    _, exported, step = export_torch.load_workdir(wd)
+    got_step, got = checkpointing.load_params(wd, config)
+    assert _snapshot(wd) == before
   assert (wd / "checkpoints" / "9.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp").is_dir()
   assert step == got_step == 7  # the newest finalised one, not the save in flight
   for tree in (predictor.generator.params, exported, got):
