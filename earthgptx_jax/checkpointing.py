@@ -6,11 +6,18 @@ the latest. A finalised checkpoint that nevertheless fails to restore (a truncat
 file) is reported and the next older one is tried. Restoring takes an abstract state whose
 leaves carry the *current* mesh's shardings, so a checkpoint written on one mesh restores onto
 any other.
+
+Readers (infer, evaluate, export) use `load_params`, never the manager: it lists finalised step
+folders itself, restores only the model parameters (a partial restore of `state.trainable`, so
+memory ~ params, not params + Adam moments) and creates, modifies or deletes nothing, so a
+training job may be saving into the same directory meanwhile.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,13 +26,18 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import linen as nn
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from earthgptx_jax import paths
+from earthgptx_jax import paths, sharding, trainer
 
 
 class NoUsableCheckpointError(RuntimeError):
   """Every checkpoint in the directory failed to restore."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """No finalised checkpoint (at the step asked for) in the directory."""
 
 
 def abstract_with_shardings(tree, shardings):
@@ -106,3 +118,81 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def finalised_steps(directory: str | epath.PathLike) -> list[int]:
+  """Steps of the finalised checkpoints in `directory`, oldest first. Read-only: a save in flight
+  (`N.orbax-checkpoint-tmp...`, or on gs:// a step folder without its commit marker) and folders
+  moved aside (`N.corrupt`) are not steps."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and p.is_dir() and ocp.utils.is_checkpoint_finalized(p))
+
+
+def load_params(workdir: str | epath.PathLike, config: ml_collections.ConfigDict,
+                step: int | None = None, *, mesh: jax.sharding.Mesh | None = None,
+                log: Callable[[str], None] = logging.warning) -> tuple[int, Any]:
+  """(step, model params with LoRA merged) of `step`, default the newest usable checkpoint of a
+  training workdir, restored read-only onto `mesh` (default: one device).
+
+  Only `state.trainable` is read (no optimizer state). Unfinalised saves are skipped; a newest
+  checkpoint that fails to restore is reported through `log` and the next older one is tried.
+  Raises CheckpointNotFoundError (none, or not `step`) or NoUsableCheckpointError.
+  """
+  directory = _absolute(workdir) / "checkpoints"
+  steps = finalised_steps(directory)
+  if step is not None and step not in steps:
+    raise CheckpointNotFoundError(f"no checkpoint {step} in {directory} (have {steps})")
+  if not steps:
+    raise CheckpointNotFoundError(f"no checkpoint in {directory}")
+  if mesh is None:
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  target = _abstract_trainable(config, mesh)
+  errors = []
+  for s in [step] if step is not None else reversed(steps):
+    try:
+      trainable = _restore_trainable(directory / str(s) / "state", target)
+      return s, trainer.model_params(trainable, config)
+    except Exception as e:  # noqa: BLE001 — any failure means "this checkpoint is unusable"
+      reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"  # one line
+      if step is not None:
+        raise NoUsableCheckpointError(
+            f"checkpoint {s} in {directory} cannot be restored ({reason})") from None
+      errors.append(f"step {s}: {reason}")
+      older = [o for o in steps if o < s]
+      log(f"checkpoint at step {s} in {directory} cannot be restored ({reason}); "
+          + (f"falling back to step {older[-1]}" if older else "no older checkpoint left"))
+  raise NoUsableCheckpointError(
+      f"no checkpoint in {directory} could be restored: " + "; ".join(errors))
+
+
+def _absolute(path: str | epath.PathLike) -> epath.Path:
+  """Orbax wants absolute paths; a local relative one is taken from the current directory."""
+  if "://" in os.fspath(path):
+    return epath.Path(path)
+  return epath.Path(os.path.abspath(os.fspath(path)))
+
+
+def _abstract_trainable(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+  """`state.trainable` as ShapeDtypeStructs carrying their shardings on `mesh`; no optimizer."""
+  model = trainer.build_model(config)
+  with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    boxed = jax.eval_shape(
+        functools.partial(trainer._init_trainable, model, config),  # noqa: SLF001
+        jax.random.key(0))
+  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh)
+  return abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+
+
+def _restore_trainable(state_dir: epath.Path, target: dict) -> dict:
+  """A partial restore of `trainable` from a saved train state: only those arrays are read."""
+  # Orbax cannot address an empty subtree; LoRA adapters are {} when LoRA is off.
+  wanted = {k: v for k, v in target.items() if jax.tree.leaves(v)}
+  item = {"trainable": wanted}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  return {k: restored["trainable"].get(k, v) for k, v in target.items()}

@@ -217,39 +217,20 @@ def _load_config(path: pathlib.Path) -> ml_collections.ConfigDict:
 
 def load_workdir(workdir: str | os.PathLike, step: int | None = None
                  ) -> tuple[ml_collections.ConfigDict, dict, int]:
-  """A training workdir -> (config, params with LoRA merged, step), restored on one device."""
-  import jax
-  from earthgptx_jax import checkpointing, sharding as sharding_lib, trainer
+  """A training workdir -> (config, params with LoRA merged, step), restored read-only on one
+  device."""
+  from earthgptx_jax import checkpointing
   workdir = pathlib.Path(workdir)
   if not (workdir / "config.json").is_file():
     raise ExportError(f"--workdir: {workdir} has no config.json (not a training workdir)")
   config = _load_config(workdir / "config.json")
-  mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  model = trainer.build_model(config)
-  optimizer = trainer.make_optimizer(config, model)
-  abstract, shardings = trainer.state_shardings(model, optimizer, config, mesh)
-  target = checkpointing.abstract_with_shardings(abstract, shardings)
-  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", config.checkpoint)
   try:
-    if step is None:
-      restored = ckpt.restore_latest(target)
-      if restored is None:
-        raise ExportError(f"--workdir: no checkpoint in {workdir / 'checkpoints'}")
-      step, state = restored
-    else:
-      if step not in ckpt.all_steps():
-        raise ExportError(f"--step: no checkpoint {step} in {workdir / 'checkpoints'} "
-                          f"(have {ckpt.all_steps()})")
-      try:
-        state = ckpt.restore(step, target)
-      except Exception as e:  # noqa: BLE001  (any restore failure: a corrupt checkpoint)
-        raise ExportError(f"--step: checkpoint {step} cannot be restored: "
-                          f"{type(e).__name__}: {str(e)[:200]}") from None
+    step, params = checkpointing.load_params(workdir, config, step)
+  except checkpointing.CheckpointNotFoundError as e:
+    raise ExportError(f"{'--workdir' if step is None else '--step'}: {e}") from None
   except checkpointing.NoUsableCheckpointError as e:
-    raise ExportError(str(e)) from None
-  finally:
-    ckpt.close()
-  return config, _numpy_tree(trainer.model_params(state.trainable, config)), int(step)
+    raise ExportError(f"{'' if step is None else '--step: '}{e}") from None
+  return config, _numpy_tree(params), int(step)
 
 
 def save_workdir(config: ml_collections.ConfigDict, trainable: Mapping, workdir: str | os.PathLike,

@@ -186,8 +186,9 @@ class Predictor:
 
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None) -> Predictor:
-    """Loads config, tokenizer and the params of `step` (default: newest usable) of a run."""
-    from earthgptx_jax import checkpointing, sharding as sharding_lib, tokenizer as tok, trainer
+    """Loads config, tokenizer and the params of `step` (default: newest usable) of a run.
+    Read-only: a training job may be saving into the workdir meanwhile."""
+    from earthgptx_jax import checkpointing, tokenizer as tok
     workdir = pathlib.Path(workdir)
     config_file = workdir / "config.json"
     if not config_file.is_file():
@@ -198,25 +199,13 @@ class Predictor:
     if not tokenizer_dir.is_dir():
       raise InferenceError(f"--workdir: {workdir} has no tokenizer/ folder")
     tokenizer = tok.load_tokenizer(str(tokenizer_dir))
-    mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    model = trainer.build_model(config)
-    optimizer = trainer.make_optimizer(config, model)
-    abstract, shardings = trainer.state_shardings(model, optimizer, config, mesh)
-    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", config.checkpoint)
-    target = checkpointing.abstract_with_shardings(abstract, shardings)
     try:
-      if step is None:
-        restored = ckpt.restore_latest(target)
-        if restored is None:
-          raise InferenceError(f"--workdir: no checkpoint in {workdir / 'checkpoints'}")
-        state = restored[1]
-      else:
-        state = ckpt.restore(step, target)
+      _, params = checkpointing.load_params(workdir, config, step)
+    except checkpointing.CheckpointNotFoundError as e:
+      raise InferenceError(f"{'--workdir' if step is None else '--step'}: {e}") from None
     except checkpointing.NoUsableCheckpointError as e:
-      raise InferenceError(str(e)) from None
-    finally:
-      ckpt.close()
-    return cls(config, trainer.model_params(state.trainable, config), tokenizer)
+      raise InferenceError(f"{'' if step is None else '--step: '}{e}") from None
+    return cls(config, params, tokenizer)
 
   def prepare(self, records) -> tuple[dict[str, np.ndarray], list]:
     """Records -> (prompt-only batch, records); errors name the request and the field."""

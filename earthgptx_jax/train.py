@@ -9,6 +9,7 @@ gs://). SIGTERM (TPU maintenance / preemption) saves a checkpoint and exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import signal
@@ -24,12 +25,14 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from earthgptx_jax import checkpointing, paths, perf, trainer
+from earthgptx_jax import checkpointing, paths, perf, trainer, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fusion.py:tiny",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, "
                                "TensorBoard events and metrics.")
+_BREAK_LOCK = flags.DEFINE_bool("break_lock", False, "Take over --workdir's train.lock left by a "
+                                "job on another host that is gone (see workdir_lock.py).")
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -143,14 +146,23 @@ class ProgressLogger:
       self.writer.flush()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       break_lock: bool = False) -> dict[str, Any]:
   """Trains (resuming if possible) to `config.train.steps`; returns the final metrics."""
-  from data_pipelines import loader  # local: keeps `--help` fast
-  from earthgptx_jax import evaluate
-
   initialize_distributed(config)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  # One owner per workdir, taken before any data preparation or compile (workdir_lock.py).
+  lock = (workdir_lock.WorkdirLock(workdir, break_lock=break_lock, log=_log)
+          if jax.process_index() == 0 else contextlib.nullcontext())
+  with lock:
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
+  from data_pipelines import loader  # local: keeps `--help` fast
+  from earthgptx_jax import evaluate
+
   data = loader.prepare(config)  # ensures data + tokenizer; fills vocab size and token ids
   config = data.config
   mesh = trainer.sharding.make_mesh(config.mesh.shape)
@@ -271,7 +283,7 @@ def main(argv):
   if cache_dir:  # a resumed or repeated run skips recompiling (minutes on small CPUs)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value, break_lock=_BREAK_LOCK.value)
 
 
 if __name__ == "__main__":
