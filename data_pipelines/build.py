@@ -8,9 +8,12 @@ rsicd, ucm_captions, nwpu_captions, rsvqa, scene_folder, mstar, dota) reading th
 folder as published. Prints the number of records per split.
 """
 
+import pathlib
+
 from absl import app, flags
 from ml_collections import config_flags
 
+import configs
 from data_pipelines import builders
 from earthgptx_jax import paths
 
@@ -19,8 +22,10 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "the dataset's folder (rea
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir to write (default: the "
                                 "config's data.data_dir; synthetic data goes to its "
                                 "fingerprinted subfolder there)")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/fusion.py:tiny",
-                                          "config (synthetic sizes)")
+# The default names the installed package's file, so the command works from any directory.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", f"{pathlib.Path(configs.__file__).parent / 'fusion.py'}:tiny",
+    "config (synthetic sizes)")
 
 
 def main(argv):
