@@ -148,6 +148,46 @@ def _request_record(image_bytes: bytes, modality: str, text: str, prompts: Seque
                        task="vqa", turns=(text, "-"), prompts=tuple(prompts))
 
 
+# BadRecordError reasons that a request's text, modality or image causes; prompt reasons are
+# traced to their prompt.
+_TEXT_REASONS = ("bad_placeholder", "no_answer", "seg_mask_count_mismatch", "too_long")
+_PROMPT_REASONS = ("bad_prompt", "prompt_out_of_bounds", "corrupt_mask", "mask_size_mismatch")
+
+
+def validate_request(record, *, image: str = "image", text: str = "text",
+                     modality: str = "modality", prompts: Sequence[str] | None = None) -> None:
+  """Checks a request with what needs no model, so that a bad one is refused before loading:
+  the image decodes, the modality is known, every prompt is well formed and inside the image,
+  each <vpK> names a prompt. These are the training path's own checks (schema.validate after
+  decoding, as loader.ExampleProcessor does); what depends on the model's config (slot counts,
+  length) is checked by `Predictor.prepare`.
+
+  image, text, modality, prompts: how the error names each part (e.g. "--box '1,2,3,4'").
+  Raises InferenceError "<part>: <reason>: <what>".
+  """
+  from data_pipelines import preprocess, schema
+  prompts = list(prompts) if prompts is not None else [
+      f"prompt {i + 1}" for i in range(len(record.prompts))]
+  try:
+    height, width = preprocess.decode_image(record.image).shape[:2]
+  except ValueError as e:
+    raise InferenceError(f"{image}: corrupt_image: {e}") from None
+  try:
+    schema.validate(record, width, height)
+  except schema.BadRecordError as e:
+    field = {"unknown_modality": modality, "corrupt_image": image}.get(e.reason, text)
+    if e.reason in _PROMPT_REASONS:  # which prompt: the first that fails on its own
+      for i, prompt in enumerate(record.prompts):
+        alone = dataclasses.replace(record, turns=(template.IMAGE_PLACEHOLDER, "-"),
+                                    prompts=(prompt,), masks=())
+        try:
+          schema.validate(alone, width, height)
+        except schema.BadRecordError:
+          field = prompts[i]
+          break
+    raise InferenceError(f"{field}: {e}") from None
+
+
 def parse_prompt_flag(kind: str, value: str, image_hw: tuple[int, int] | None = None):
   """`--point x,y`, `--box x1,y1,x2,y2`, `--scribble FILE.png | x,y;x,y;...[;closed]`."""
   from data_pipelines import schema
@@ -414,13 +454,22 @@ def run(argv) -> int:
     lines = pathlib.Path(_REQUESTS.value).read_text().splitlines()
     requests = []
     for n, line in enumerate(l for l in lines if l.strip()):
+      where = f"--requests line {n + 1}"
       try:
         r = json.loads(line)
-        requests.append(_request_record(
-            _read_image(r["image"]), r.get("modality", "optical"), r["text"],
-            _prompts_from(r.get("points", []), r.get("boxes", []), r.get("scribbles", []))))
+        kinds = {k: list(r.get(k, [])) for k in ("points", "boxes", "scribbles")}
+        record = _request_record(_read_image(r["image"]), r.get("modality", "optical"),
+                                 r["text"], _prompts_from(*kinds.values()))
       except (json.JSONDecodeError, KeyError) as e:
-        raise InferenceError(f"--requests line {n + 1}: {type(e).__name__}: {e}") from None
+        raise InferenceError(f"{where}: {type(e).__name__}: {e}") from None
+      except InferenceError as e:
+        raise InferenceError(f"{where}: {e}") from None
+      validate_request(record, image=f"{where}: image {r['image']!r}",
+                       text=f"{where}: text {r['text']!r}",
+                       modality=f"{where}: modality {record.modality!r}",
+                       prompts=[f"{where}: {k}[{j}] {v!r}" for k, values in kinds.items()
+                                for j, v in enumerate(values)])
+      requests.append(record)
     predictor = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
     predictions = predictor.predict(requests, **kwargs)
     _write_atomic(pathlib.Path(_RESULTS.value), lambda tmp: pathlib.Path(tmp).write_text(
@@ -433,6 +482,13 @@ def run(argv) -> int:
   prompts = _prompts_from(_POINTS.value, _BOXES.value, _SCRIBBLES.value)
   if _OUT.value and not pathlib.Path(_OUT.value).resolve().parent.is_dir():
     raise InferenceError(f"--out: folder of {_OUT.value!r} does not exist")
+  # Everything that needs no model is checked before the model is loaded.
+  validate_request(
+      _request_record(image_bytes, _MODALITY.value, _TEXT.value, prompts),
+      image=f"--image {_IMAGE.value!r}", text=f"--text {_TEXT.value!r}",
+      modality=f"--modality {_MODALITY.value!r}",
+      prompts=[f"--{k} {v!r}" for k, values in (("point", _POINTS.value), ("box", _BOXES.value),
+                                                ("scribble", _SCRIBBLES.value)) for v in values])
   predictor = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
   prediction = predictor(image_bytes, _MODALITY.value, _TEXT.value, prompts, **kwargs)
   print(prediction.answer)

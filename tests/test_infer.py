@@ -145,3 +145,47 @@ def test_box_tokens_are_written_as_the_heads_boxes_in_the_original_frame(predict
   # More [BOX] tokens than boxes (beyond model.box.max_boxes): the extra ones leave the text.
   assert infer.answer_text([ids.box, ids.box], tok, config, in_view.reshape(1, 4), affine,
                            (height, width)).count("[") == 1
+
+
+def _cli_in(cwd, *args):
+  """The CLI run as a user would: from `cwd`, with the paths given relative to it."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+  return subprocess.run([sys.executable, "-m", "earthgptx_jax.infer", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_cli_request_errors_come_before_loading_the_model(tmp_path):
+  """A request that is wrong whatever the model (image, prompt geometry, <vpK>) is refused
+  before the workdir is read: here the workdir is empty, so reaching it would say
+  'no config.json' instead of naming the request's field."""
+  from PIL import Image
+  Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "scene.png")  # 40 wide, 30 high
+  (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+  (tmp_path / "empty_run").mkdir()
+  (tmp_path / "requests.jsonl").write_text(
+      '{"image": "scene.png", "text": "Describe."}\n'
+      '{"image": "scene.png", "text": "What is in <vp1>?", "boxes": ["5,5,50,20"]}\n')
+  common = ["--workdir=empty_run", "--modality=infrared"]
+  cases = [
+      (["--image=broken.png", "--text=hi"], ["--image", "broken.png", "corrupt_image"]),
+      (["--image=missing.png", "--text=hi"], ["--image", "missing.png"]),
+      (["--image=scene.png", "--text=What is in <vp1>?", "--box=30,10,60,20"],
+       ["--box", "30,10,60,20", "outside the 40x30 image"]),
+      (["--image=scene.png", "--text=What is in <vp1>?", "--box=20,10,10,20"],
+       ["--box", "20,10,10,20", "x2<x1"]),
+      (["--image=scene.png", "--text=Compare <vp1> and <vp2>.", "--point=5,5"],
+       ["--text", "<vp2>", "1 visual prompt"]),
+      (["--requests=requests.jsonl", "--results=out.jsonl"],
+       ["--requests line 2", "boxes", "5,5,50,20", "outside"]),
+  ]
+  for args, needles in cases:
+    result = _cli_in(tmp_path, *common, *args)
+    assert result.returncode == 2, (args, result.stderr[-2000:])
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1, (args, result.stderr[-2000:])
+    for needle in needles:
+      assert needle in error_lines[0], (args, error_lines[0])
+    assert "config.json" not in result.stderr, args  # the workdir was never opened
+  assert not (tmp_path / "out.jsonl").exists()
