@@ -148,9 +148,8 @@ def _request_record(image_bytes: bytes, modality: str, text: str, prompts: Seque
                        task="vqa", turns=(text, "-"), prompts=tuple(prompts))
 
 
-# BadRecordError reasons that a request's text, modality or image causes; prompt reasons are
-# traced to their prompt.
-_TEXT_REASONS = ("bad_placeholder", "no_answer", "seg_mask_count_mismatch", "too_long")
+# BadRecordError reasons caused by one prompt, traced to it; the others name the text, the
+# modality or the image.
 _PROMPT_REASONS = ("bad_prompt", "prompt_out_of_bounds", "corrupt_mask", "mask_size_mismatch")
 
 
@@ -380,7 +379,7 @@ def _box_label(draw, box, text: str, colour, pen: _Pen) -> None:
   """A box's label just above its top-left corner (inside it at the image's top edge), clear
   of any box drawn inside it."""
   x1, y1 = float(box[0]), float(box[1])
-  left, top, right, bottom = draw.textbbox((0, 0), text, font=pen.font, stroke_width=pen.halo)
+  left, _, _, bottom = draw.textbbox((0, 0), text, font=pen.font, stroke_width=pen.halo)
   above = y1 - pen.halo - bottom - pen.halo
   pad = pen.line + 2 * pen.halo
   _label(draw, (x1 - left, above) if above >= 0 else (x1 + pad, y1 + pad), text, colour, pen)
