@@ -54,7 +54,9 @@ def _pixel(pixel: ConfigDict, is_tiny: bool) -> None:
   pixel.bce_weight = 2.0
   pixel.dice_weight = 0.5
   pixel.mask_threshold = 0.0  # logit threshold for binary masks (SAM's)
-  pixel.pretrained_path = None  # local HF SamModel folder (safetensors)
+  # Local HF SamModel folder (safetensors); its config.json replaces the sizes below
+  # (pretrained.resolve_config, one log line per changed field).
+  pixel.pretrained_path = None
   pixel.decoder = ConfigDict(dict(  # SAM's mask decoder is the same for ViT-B/L/H
       hidden_size=32 if is_tiny else 256, num_layers=2, num_heads=2 if is_tiny else 8,
       mlp_dim=64 if is_tiny else 2048, attention_downsample_rate=2, num_multimask_outputs=3,

@@ -134,7 +134,7 @@ def write_folder(config: ml_collections.ConfigDict, params: Mapping, folder: str
        "kwargs": torch_model.convnext_kwargs(m.vision.convnext)}, indent=2))
   sam_dir = folder / torch_model.SAM_DIR
   keymap.save_safetensors(sam_convert.flax_to_torch(params["pixel"], m.pixel), sam_dir)
-  sam_convert.hf_sam_config(m.pixel).save_pretrained(sam_dir)
+  sam_convert.write_hf_sam_config(m.pixel, sam_dir)
   own = keymap.to_torch(params, own_rules(m))
   own[torch_model.FOURIER_KEY] = np.asarray(prompts.fourier_gaussian(m.prompt))
   keymap.save_safetensors(own, folder)

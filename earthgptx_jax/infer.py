@@ -148,6 +148,45 @@ def _request_record(image_bytes: bytes, modality: str, text: str, prompts: Seque
                        task="vqa", turns=(text, "-"), prompts=tuple(prompts))
 
 
+# BadRecordError reasons caused by one prompt, traced to it; the others name the text, the
+# modality or the image.
+_PROMPT_REASONS = ("bad_prompt", "prompt_out_of_bounds", "corrupt_mask", "mask_size_mismatch")
+
+
+def validate_request(record, *, image: str = "image", text: str = "text",
+                     modality: str = "modality", prompts: Sequence[str] | None = None) -> None:
+  """Checks a request with what needs no model, so that a bad one is refused before loading:
+  the image decodes, the modality is known, every prompt is well formed and inside the image,
+  each <vpK> names a prompt. These are the training path's own checks (schema.validate after
+  decoding, as loader.ExampleProcessor does); what depends on the model's config (slot counts,
+  length) is checked by `Predictor.prepare`.
+
+  image, text, modality, prompts: how the error names each part (e.g. "--box '1,2,3,4'").
+  Raises InferenceError "<part>: <reason>: <what>".
+  """
+  from data_pipelines import preprocess, schema
+  prompts = list(prompts) if prompts is not None else [
+      f"prompt {i + 1}" for i in range(len(record.prompts))]
+  try:
+    height, width = preprocess.decode_image(record.image).shape[:2]
+  except ValueError as e:
+    raise InferenceError(f"{image}: corrupt_image: {e}") from None
+  try:
+    schema.validate(record, width, height)
+  except schema.BadRecordError as e:
+    field = {"unknown_modality": modality, "corrupt_image": image}.get(e.reason, text)
+    if e.reason in _PROMPT_REASONS:  # which prompt: the first that fails on its own
+      for i, prompt in enumerate(record.prompts):
+        alone = dataclasses.replace(record, turns=(template.IMAGE_PLACEHOLDER, "-"),
+                                    prompts=(prompt,), masks=())
+        try:
+          schema.validate(alone, width, height)
+        except schema.BadRecordError:
+          field = prompts[i]
+          break
+    raise InferenceError(f"{field}: {e}") from None
+
+
 def parse_prompt_flag(kind: str, value: str, image_hw: tuple[int, int] | None = None):
   """`--point x,y`, `--box x1,y1,x2,y2`, `--scribble FILE.png | x,y;x,y;...[;closed]`."""
   from data_pipelines import schema
@@ -288,49 +327,101 @@ def _tuples(config: ml_collections.ConfigDict) -> None:
 
 _COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
             (145, 30, 180)]
+# The user's prompts: bright cyan over a black halo, so they show on hot (white) infrared
+# targets and on dark sea alike; predictions use _COLOURS over the same halo.
+_PROMPT_COLOUR = (0, 255, 255)
+_HALO = (0, 0, 0)
+
+
+class _Pen(NamedTuple):
+  line: int  # stroke width (px)
+  halo: int  # dark border on each side of a stroke (px)
+  font: Any  # PIL font for labels
+
+
+def _pen(height: int, width: int) -> _Pen:
+  """Stroke and label sizes proportional to the image's short side (a 4592x3072 scene gets
+  8 px lines and 77 px labels), with minimums that keep small images readable."""
+  from PIL import ImageFont
+  short = min(height, width)
+  line = max(2, round(short / 400))
+  size = max(13, round(short / 40))
+  try:
+    font = ImageFont.load_default(size=size)  # scalable since Pillow 10.1
+  except TypeError:  # older Pillow: the fixed bitmap font
+    font = ImageFont.load_default()
+  return _Pen(line, max(1, round(line / 2)), font)
+
+
+def _label(draw, xy, text: str, colour, pen: _Pen) -> None:
+  draw.text(xy, text, fill=colour, font=pen.font, stroke_width=pen.halo, stroke_fill=_HALO)
+
+
+def _rectangle(draw, box, colour, pen: _Pen) -> None:
+  x1, y1, x2, y2 = (float(v) for v in box)
+  h = pen.halo
+  draw.rectangle([x1 - h, y1 - h, x2 + h, y2 + h], outline=_HALO, width=pen.line + 2 * h)
+  draw.rectangle([x1, y1, x2, y2], outline=colour, width=pen.line)
+
+
+def _box_label(draw, box, text: str, colour, pen: _Pen) -> None:
+  """A box's label just above its top-left corner (inside it at the image's top edge), clear
+  of any box drawn inside it."""
+  x1, y1 = float(box[0]), float(box[1])
+  left, _, _, bottom = draw.textbbox((0, 0), text, font=pen.font, stroke_width=pen.halo)
+  above = y1 - pen.halo - bottom - pen.halo
+  pad = pen.line + 2 * pen.halo
+  _label(draw, (x1 - left, above) if above >= 0 else (x1 + pad, y1 + pad), text, colour, pen)
 
 
 def render_overlay(image_bytes: bytes, modality: str, prompts, prediction: Prediction,
                    preprocess_cfg) -> "Image.Image":
   """The image (as the model sees it after per-modality preprocessing), the user's prompts
-  (white, labelled vp1..), predicted boxes (coloured, labelled box1..) and masks (tinted)."""
+  (cyan, labelled vp1..), predicted boxes (coloured, labelled box1..) and masks (tinted).
+  Every stroke and label has a dark halo; sizes scale with the image (`_pen`)."""
   from PIL import Image, ImageDraw
   from data_pipelines import preprocess, schema
   pixels = preprocess.preprocess(preprocess.decode_image(image_bytes), modality, preprocess_cfg)
+  height, width = pixels.shape[:2]
   canvas = (np.clip(pixels, 0, 1) * 255).astype(np.float32)
   for q, mask in enumerate(prediction.masks):
     colour = np.asarray(_COLOURS[q % len(_COLOURS)], np.float32)
     canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
+  for p in prompts:  # mask prompts are tinted before anything is drawn over them
+    if p.kind == "mask":
+      m = schema.decode_mask(p.mask, width, height)
+      canvas[m] = 0.5 * canvas[m] + 0.5 * np.asarray(_PROMPT_COLOUR, np.float32)
   img = Image.fromarray(canvas.astype(np.uint8))
   draw = ImageDraw.Draw(img)
-  height, width = pixels.shape[:2]
+  pen = _pen(height, width)
+  pad = pen.line + 2 * pen.halo  # labels start clear of the stroke they name
   for k, p in enumerate(prompts):
     label = f"vp{k + 1}"
     pts = np.asarray(p.points, np.float32).reshape(-1, 2)
     if p.kind == "point":
-      x, y = pts[0]
-      draw.ellipse([x - 4, y - 4, x + 4, y + 4], outline=(255, 255, 255), width=2)
-      draw.text((x + 6, y - 6), label, fill=(255, 255, 255))
+      x, y = (float(v) for v in pts[0])
+      r, h = 3 * pen.line + 2, pen.halo
+      draw.ellipse([x - r - h, y - r - h, x + r + h, y + r + h], outline=_HALO,
+                   width=pen.line + 2 * h)
+      draw.ellipse([x - r, y - r, x + r, y + r], outline=_PROMPT_COLOUR, width=pen.line)
+      _label(draw, (x + r + pad, y - r), label, _PROMPT_COLOUR, pen)
     elif p.kind == "box":
-      draw.rectangle([*pts[0], *pts[1]], outline=(255, 255, 255), width=2)
-      draw.text((pts[0][0] + 2, pts[0][1] + 2), label, fill=(255, 255, 255))
+      _rectangle(draw, pts.reshape(-1), _PROMPT_COLOUR, pen)
+      _box_label(draw, pts.reshape(-1), label, _PROMPT_COLOUR, pen)
     elif p.kind in ("polygon", "scribble"):
-      draw.line([tuple(v) for v in pts] + ([tuple(pts[0])] if p.kind == "polygon" else []),
-                fill=(255, 255, 255), width=2)
-      draw.text(tuple(pts[0]), label, fill=(255, 255, 255))
+      xy = [tuple(map(float, v)) for v in pts] + (
+          [tuple(map(float, pts[0]))] if p.kind == "polygon" else [])
+      draw.line(xy, fill=_HALO, width=pen.line + 2 * pen.halo, joint="curve")
+      draw.line(xy, fill=_PROMPT_COLOUR, width=pen.line, joint="curve")
+      _label(draw, (float(pts[0][0]) + pad, float(pts[0][1]) + pad), label, _PROMPT_COLOUR, pen)
     else:
-      m = schema.decode_mask(p.mask, width, height)
-      ys, xs = np.nonzero(m)
-      overlay = np.asarray(img).copy()
-      overlay[m] = (0.6 * overlay[m] + 0.4 * 255).astype(np.uint8)
-      img = Image.fromarray(overlay)
-      draw = ImageDraw.Draw(img)
+      ys, xs = np.nonzero(schema.decode_mask(p.mask, width, height))
       if len(xs):
-        draw.text((float(xs.min()), float(ys.min())), label, fill=(255, 255, 255))
+        _label(draw, (float(xs.min()), float(ys.min())), label, _PROMPT_COLOUR, pen)
   for b, box in enumerate(prediction.boxes):
     colour = _COLOURS[b % len(_COLOURS)]
-    draw.rectangle(list(box), outline=colour, width=2)
-    draw.text((box[0] + 2, box[1] + 2), f"box{b + 1}", fill=colour)
+    _rectangle(draw, box, colour, pen)
+    _box_label(draw, box, f"box{b + 1}", colour, pen)
   return img
 
 
@@ -405,13 +496,22 @@ def run(argv) -> int:
     lines = pathlib.Path(_REQUESTS.value).read_text().splitlines()
     requests = []
     for n, line in enumerate(l for l in lines if l.strip()):
+      where = f"--requests line {n + 1}"
       try:
         r = json.loads(line)
-        requests.append(_request_record(
-            _read_image(r["image"]), r.get("modality", "optical"), r["text"],
-            _prompts_from(r.get("points", []), r.get("boxes", []), r.get("scribbles", []))))
+        kinds = {k: list(r.get(k, [])) for k in ("points", "boxes", "scribbles")}
+        record = _request_record(_read_image(r["image"]), r.get("modality", "optical"),
+                                 r["text"], _prompts_from(*kinds.values()))
       except (json.JSONDecodeError, KeyError) as e:
-        raise InferenceError(f"--requests line {n + 1}: {type(e).__name__}: {e}") from None
+        raise InferenceError(f"{where}: {type(e).__name__}: {e}") from None
+      except InferenceError as e:
+        raise InferenceError(f"{where}: {e}") from None
+      validate_request(record, image=f"{where}: image {r['image']!r}",
+                       text=f"{where}: text {r['text']!r}",
+                       modality=f"{where}: modality {record.modality!r}",
+                       prompts=[f"{where}: {k}[{j}] {v!r}" for k, values in kinds.items()
+                                for j, v in enumerate(values)])
+      requests.append(record)
     predictor = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
     predictions = predictor.predict(requests, **kwargs)
     _write_atomic(pathlib.Path(_RESULTS.value), lambda tmp: pathlib.Path(tmp).write_text(
@@ -424,6 +524,13 @@ def run(argv) -> int:
   prompts = _prompts_from(_POINTS.value, _BOXES.value, _SCRIBBLES.value)
   if _OUT.value and not pathlib.Path(_OUT.value).resolve().parent.is_dir():
     raise InferenceError(f"--out: folder of {_OUT.value!r} does not exist")
+  # Everything that needs no model is checked before the model is loaded.
+  validate_request(
+      _request_record(image_bytes, _MODALITY.value, _TEXT.value, prompts),
+      image=f"--image {_IMAGE.value!r}", text=f"--text {_TEXT.value!r}",
+      modality=f"--modality {_MODALITY.value!r}",
+      prompts=[f"--{k} {v!r}" for k, values in (("point", _POINTS.value), ("box", _BOXES.value),
+                                                ("scribble", _SCRIBBLES.value)) for v in values])
   predictor = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
   prediction = predictor(image_bytes, _MODALITY.value, _TEXT.value, prompts, **kwargs)
   print(prediction.answer)

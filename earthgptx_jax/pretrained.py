@@ -10,10 +10,20 @@
 Every component says where it came from in one log line. Loaded weights are placed with the
 shardings of the randomly initialised params they replace, so the result is laid out exactly
 as the train state expects.
+
+`resolve_config` runs before the model is built. The SAM folder's config.json decides
+`model.pixel`'s architecture sizes (decoder, and the ViT with image_encoder='sam'): a preset's
+value that differs is overridden, with one log line per field, since the weights fit only their
+own sizes (a config.json asking for something the modules do not implement is an error naming
+the field). The LLM and DINOv2 sizes are not overridden: a mismatch there is an error naming
+the field, at load. Each folder's config.json text is kept in the config
+(`pretrained_config`), so that exports write every field of the original.
 """
 
 from __future__ import annotations
 
+import json
+import pathlib
 from collections.abc import Callable, Mapping
 
 import jax
@@ -58,9 +68,58 @@ def _load_vision(params, config, log):
   return _place_like(loaded, params["vision"], "vision")
 
 
+# The components whose folder's config.json is kept for export (HF folders; ConvNeXt's
+# pretrained file is a timm state dict, exported in timm's layout).
+_KEEP_CONFIG = ("model.llm", "model.vision.dino", "model.pixel")
+
+
+def _same(a, b) -> bool:
+  """Config values equal, a JSON list and a tuple alike."""
+  seq = (list, tuple)
+  return tuple(a) == tuple(b) if isinstance(a, seq) and isinstance(b, seq) else a == b
+
+
+def _node(config: ml_collections.ConfigDict, dotted: str) -> ml_collections.ConfigDict:
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def resolve_config(config: ml_collections.ConfigDict,
+                   log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
+  """Fills, in place, what the pretrained folders named in `config` decide; call it before
+  building the model. Returns `config`."""
+  from earthgptx_jax.convert import sam as convert_sam
+  for dotted in _KEEP_CONFIG:
+    node = _node(config, dotted)
+    path = node.get("pretrained_path", None)
+    if path and (pathlib.Path(path) / "config.json").is_file():
+      node.pretrained_config = (pathlib.Path(path) / "config.json").read_text()
+  pixel = config.model.pixel
+  if pixel.get("pretrained_path", None):
+    hf = json.loads(convert_sam.read_hf_config(pixel.pretrained_path))
+    changed = []
+    for field, value in convert_sam.pixel_sizes_from_hf(hf, pixel).items():
+      group, name = field.split(".")
+      if not _same(pixel[group][name], value):
+        changed.append(f"{field} {pixel[group][name]!r} -> {value!r}")
+        pixel[group][name] = value
+    if changed:
+      log(f"pixel: sizes from {pixel.pretrained_path}/config.json: model.pixel."
+          + ", model.pixel.".join(changed))
+  return config
+
+
 def _load_sam(params, config, log):
   from earthgptx_jax.convert import sam as convert_sam
   path = config.model.pixel.pretrained_path
+  hf = json.loads(convert_sam.read_hf_config(path))
+  for field, value in convert_sam.pixel_sizes_from_hf(hf, config.model.pixel).items():
+    group, name = field.split(".")
+    if not _same(config.model.pixel[group][name], value):
+      raise ValueError(f"model.pixel.{field}={config.model.pixel[group][name]!r} but "
+                       f"{path}/config.json has {value!r} (pretrained.resolve_config, run "
+                       f"before building the model, takes the folder's sizes)")
   sam = convert_sam.load_hf_sam(path, config.model.pixel)
   merged = convert_sam.merge_pretrained(dict(params["pixel"]), sam)
   log(f"pixel: SAM {sorted(sam)} pretrained from {path}; [SEG] projection random")

@@ -165,6 +165,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
 
   data = loader.prepare(config)  # ensures data + tokenizer; fills vocab size and token ids
   config = data.config
+  from earthgptx_jax import pretrained as pretrained_lib  # before the model: e.g. SAM's sizes
+  config = pretrained_lib.resolve_config(config, log=_log)
   mesh = trainer.sharding.make_mesh(config.mesh.shape)
   model = trainer.build_model(config)
   optimizer = trainer.make_optimizer(config, model)

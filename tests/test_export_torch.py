@@ -260,3 +260,81 @@ def test_cli_exports_a_trained_workdir(tmp_path, shared_data):
   _, b, _ = et.load_workdir(tmp_path / "back")
   a, b = keymap.flatten(a), keymap.flatten(b)
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _keys(d: dict, prefix: str = "") -> set[str]:
+  """Every key of a nested config dict, sub-configs as 'vision_config.hidden_size'."""
+  out = set()
+  for k, v in d.items():
+    out.add(prefix + k)
+    if isinstance(v, dict) and k.endswith("_config"):
+      out |= _keys(v, f"{prefix}{k}.")
+  return out
+
+
+def test_exported_config_json_keeps_every_field_of_the_original(tmp_path):
+  """The SAM, DINOv2 and LLaMA config.json files of an export hold every key of the HF
+  config's to_dict() (SAM's lacked `architectures` and all default-valued fields) and every
+  field of the pretrained folder the run started from (e.g. a DINOv2 `intermediate_size`)."""
+  import torch
+  import transformers
+  from earthgptx_jax import pretrained
+  from earthgptx_jax.convert import sam as sam_convert
+  config = tiny_config()
+  m = config.model
+  # Pretrained folders as a run names them: a SamModel of the preset's sizes, and DINOv2 /
+  # LLaMA config.json files that carry fields beyond what transformers writes today.
+  sam_dir, dino_dir, llm_dir = tmp_path / "sam_in", tmp_path / "dino_in", tmp_path / "llm_in"
+  torch.manual_seed(0)
+  transformers.SamModel(sam_convert.hf_sam_config(m.pixel)).save_pretrained(sam_dir)
+  dino_original = dict(json.loads(json.dumps(_dino_hf_dict(m.vision.dino))),
+                       intermediate_size=int(m.vision.dino.hidden_size * m.vision.dino.mlp_ratio),
+                       custom_field="kept")
+  dino_dir.mkdir()
+  (dino_dir / "config.json").write_text(json.dumps(dino_original))
+  llm_dir.mkdir()
+  (llm_dir / "config.json").write_text(json.dumps({"model_type": "llama", "pad_token_id": 7,
+                                                   "custom_field": "kept"}))
+  m.pixel.pretrained_path, m.vision.dino.pretrained_path = str(sam_dir), str(dino_dir)
+  m.llm.pretrained_path = str(llm_dir)
+  pretrained.resolve_config(config, log=lambda msg: None)
+
+  folder = tmp_path / "export"
+  et.write_folder(config, _random_params(config), folder, tokenizer_dir=None)
+  sam = json.loads((folder / "sam" / "config.json").read_text())
+  assert sam["architectures"] == ["SamModel"]
+  want = _keys(sam_convert.hf_sam_config(m.pixel).to_dict())
+  want |= _keys(json.loads((sam_dir / "config.json").read_text()))
+  assert want <= _keys(sam), sorted(want - _keys(sam))
+  dino = json.loads((folder / "dino" / "config.json").read_text())
+  assert dino["intermediate_size"] == dino_original["intermediate_size"]
+  assert dino["custom_field"] == "kept" and dino["architectures"] == ["Dinov2Model"]
+  assert set(transformers.Dinov2Config().to_dict()) <= set(dino)
+  llm = json.loads((folder / "llm" / "config.json").read_text())
+  assert llm["custom_field"] == "kept" and llm["architectures"] == ["LlamaForCausalLM"]
+  assert set(transformers.LlamaConfig().to_dict()) <= set(llm)
+  # Ours wins where both have a field: the export describes the exported weights.
+  assert dino["hidden_size"] == m.vision.dino.hidden_size
+  assert llm["vocab_size"] == m.llm.vocab_size
+  # ... and the folders still load in transformers.
+  assert transformers.SamConfig.from_pretrained(folder / "sam").vision_config.hidden_size == (
+      m.pixel.sam_vit.hidden_size)
+  assert transformers.AutoConfig.from_pretrained(folder / "dino").hidden_size == (
+      m.vision.dino.hidden_size)
+
+
+def _dino_hf_dict(dino) -> dict:
+  from earthgptx_jax.convert import vision as vision_convert
+  return vision_convert.dinov2_hf_config(dino)
+
+
+def test_sam_export_without_a_pretrained_folder_is_complete(tmp_path):
+  import transformers
+  from earthgptx_jax.convert import sam as sam_convert
+  config = tiny_config()
+  pixel = config.model.pixel
+  sam_convert.save_hf_sam(_random_params(config)["pixel"], pixel, tmp_path)
+  sam = json.loads((tmp_path / "config.json").read_text())
+  assert sam["architectures"] == ["SamModel"]
+  want = _keys(sam_convert.hf_sam_config(pixel).to_dict())
+  assert want <= _keys(sam), sorted(want - _keys(sam))

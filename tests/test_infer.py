@@ -145,3 +145,106 @@ def test_box_tokens_are_written_as_the_heads_boxes_in_the_original_frame(predict
   # More [BOX] tokens than boxes (beyond model.box.max_boxes): the extra ones leave the text.
   assert infer.answer_text([ids.box, ids.box], tok, config, in_view.reshape(1, 4), affine,
                            (height, width)).count("[") == 1
+
+
+def _cli_in(cwd, *args):
+  """The CLI run as a user would: from `cwd`, with the paths given relative to it."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+  return subprocess.run([sys.executable, "-m", "earthgptx_jax.infer", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_cli_request_errors_come_before_loading_the_model(tmp_path):
+  """A request that is wrong whatever the model (image, prompt geometry, <vpK>) is refused
+  before the workdir is read: here the workdir is empty, so reaching it would say
+  'no config.json' instead of naming the request's field."""
+  from PIL import Image
+  Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "scene.png")  # 40 wide, 30 high
+  (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+  (tmp_path / "empty_run").mkdir()
+  (tmp_path / "requests.jsonl").write_text(
+      '{"image": "scene.png", "text": "Describe."}\n'
+      '{"image": "scene.png", "text": "What is in <vp1>?", "boxes": ["5,5,50,20"]}\n')
+  common = ["--workdir=empty_run", "--modality=infrared"]
+  cases = [
+      (["--image=broken.png", "--text=hi"], ["--image", "broken.png", "corrupt_image"]),
+      (["--image=missing.png", "--text=hi"], ["--image", "missing.png"]),
+      (["--image=scene.png", "--text=What is in <vp1>?", "--box=30,10,60,20"],
+       ["--box", "30,10,60,20", "outside the 40x30 image"]),
+      (["--image=scene.png", "--text=What is in <vp1>?", "--box=20,10,10,20"],
+       ["--box", "20,10,10,20", "x2<x1"]),
+      (["--image=scene.png", "--text=Compare <vp1> and <vp2>.", "--point=5,5"],
+       ["--text", "<vp2>", "1 visual prompt"]),
+      (["--requests=requests.jsonl", "--results=out.jsonl"],
+       ["--requests line 2", "boxes", "5,5,50,20", "outside"]),
+  ]
+  for args, needles in cases:
+    result = _cli_in(tmp_path, *common, *args)
+    assert result.returncode == 2, (args, result.stderr[-2000:])
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1, (args, result.stderr[-2000:])
+    for needle in needles:
+      assert needle in error_lines[0], (args, error_lines[0])
+    assert "config.json" not in result.stderr, args  # the workdir was never opened
+  assert not (tmp_path / "out.jsonl").exists()
+
+
+def _white_png(height, width):
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(np.full((height, width, 3), 255, np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _run_length(line: np.ndarray, start: int) -> int:
+  """Length of the run of True around `start` in a 1-D bool array."""
+  if not line[start]:
+    return 0
+  lo = hi = start
+  while lo > 0 and line[lo - 1]:
+    lo -= 1
+  while hi < len(line) - 1 and line[hi + 1]:
+    hi += 1
+  return hi - lo + 1
+
+
+def test_overlay_strokes_and_labels_scale_with_the_image_and_show_on_white():
+  """On a white (hot infrared-like) image the user's prompts and the predicted boxes are seen,
+  and on a 4592x3072 scene the strokes and labels are as large, relative to the image, as on a
+  small one (they were 2 px and a ~10 px label at any size)."""
+  cfg = tiny_config().model.vision.preprocess
+  measured = {}
+  for height, width in ((200, 300), (3072, 4592)):
+    fx, fy = width / 300, height / 200
+    box = (60 * fx, 50 * fy, 180 * fx, 150 * fy)
+    prompts = [infer.parse_prompt_flag("box", ",".join(str(v) for v in box)),
+               infer.parse_prompt_flag("point", f"{250 * fx},{30 * fy}")]
+    predicted = (200 * fx, 110 * fy, 280 * fx, 190 * fy)
+    prediction = infer.Prediction("a target", [predicted], [], [])
+    img = np.asarray(infer.render_overlay(_white_png(height, width), "optical", prompts,
+                                          prediction, cfg))
+    assert img.shape == (height, width, 3)
+    drawn = (img != 255).any(-1)
+    # The prompt box's left edge: a vertical stroke crossed by the row through its middle.
+    mid_y, x1 = int((box[1] + box[3]) / 2), int(box[0])
+    prompt_stroke = _run_length(drawn[mid_y], x1)
+    # The predicted box's left edge likewise.
+    pred_stroke = _run_length(drawn[int((predicted[1] + predicted[3]) / 2)], int(predicted[0]))
+    assert prompt_stroke > 0 and pred_stroke > 0, (height, width)  # visible on white
+    # The point prompt's marker is visible on white too.
+    px, py = int(250 * fx), int(30 * fy)
+    r = int(0.05 * min(height, width))
+    assert drawn[py - r:py + r, px - r:px + r].any(), (height, width)
+    # The prompt's label (vp1) sits just above the box's top-left corner: its glyphs' height.
+    above = drawn[max(0, int(box[1] - max(30, 0.06 * min(height, width)))):
+                  int(box[1]) - prompt_stroke, int(box[0]):int(box[2])]
+    rows = np.nonzero(above.any(1))[0]
+    assert len(rows), (height, width)
+    measured[height] = (prompt_stroke, pred_stroke, rows.max() - rows.min() + 1)
+  small, large = measured[200], measured[3072]
+  assert all(3 <= v <= 0.1 * 200 for v in small), measured  # small images keep a minimum
+  # 4592x3072: strokes >= 0.4 % and labels >= 1.5 % of the short side (were 2 px and ~10 px).
+  assert min(large[:2]) >= 0.004 * 3072 and large[2] >= 0.015 * 3072, measured

@@ -227,3 +227,26 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], folder: str | os.PathLik
   total = sum(np.asarray(v).nbytes for v in tensors.values())
   (folder / SAFETENSORS_INDEX).write_text(
       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+# Keys transformers renamed: an original's old spelling is dropped where ours has the new one,
+# so that the two never disagree.
+_RENAMED = {"torch_dtype": "dtype", "rope_scaling": "rope_parameters"}
+
+
+def keep_original_fields(ours: Mapping, original: str | Mapping | None) -> dict:
+  """An exported HF config dict with every field of the pretrained folder's config.json
+  (`original`, its text or dict) that ours lacks; ours wins where both have a field, and nested
+  configs (SAM's vision_config, ...) merge the same way."""
+  if not original:
+    return dict(ours)
+  if isinstance(original, str):
+    original = json.loads(original)
+  out = json.loads(json.dumps(ours))  # keys as config.json has them (id2label's ints: text)
+  for key, value in original.items():
+    if key not in out:
+      if _RENAMED.get(key) not in out:
+        out[key] = value
+    elif isinstance(out[key], Mapping) and isinstance(value, Mapping):
+      out[key] = keep_original_fields(out[key], value)
+  return out

@@ -128,7 +128,8 @@ def llm_to_hf_config(llm_config: Mapping, dtype: str) -> dict:
       **{theirs: c[ours] for ours, theirs in _HF_FIELDS.items()}, head_dim=c["head_dim"],
       rope_parameters=rope, hidden_act="silu", attention_bias=False, mlp_bias=False, dtype=dtype,
       architectures=["LlamaForCausalLM"])
-  return hf.to_dict()
+  # Every other field of the pretrained folder's config.json is kept (pretrained.resolve_config).
+  return keymap.keep_original_fields(hf.to_dict(), c.get("pretrained_config", None))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ equal) and written back as the first.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from earthgptx_jax.convert import keymap
-from earthgptx_jax.convert.keymap import CONV2D, LINEAR, Rule
+from earthgptx_jax.convert.keymap import CONV2D, LINEAR, ConversionError, Rule
 
 SHARED_PE = "shared_image_embedding.positional_embedding"
 TIED_PE = "prompt_encoder.shared_embedding.positional_embedding"
@@ -154,6 +155,96 @@ def hf_sam_config(pixel: ml_collections.ConfigDict):
           iou_head_hidden_dim=dec.iou_head_hidden_dim, layer_norm_eps=dec.layer_norm_eps))
 
 
+def hf_sam_config_dict(pixel: ml_collections.ConfigDict) -> dict:
+  """The config.json of an exported SamModel: every field `SamConfig.to_dict()` has (not only
+  those that differ from transformers' defaults, as save_pretrained writes), `architectures`,
+  and every other field of the pretrained folder's config.json (`pixel.pretrained_config`)."""
+  config = hf_sam_config(pixel)
+  config.architectures = ["SamModel"]
+  return keymap.keep_original_fields(config.to_dict(), pixel.get("pretrained_config", None))
+
+
+def write_hf_sam_config(pixel: ml_collections.ConfigDict, folder: str | os.PathLike) -> None:
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "config.json").write_text(
+      json.dumps(hf_sam_config_dict(pixel), indent=2, sort_keys=True) + "\n")
+
+
+# model.pixel.sam_vit / model.pixel.decoder fields <- HF SamConfig sub-config fields.
+_VIT_FIELDS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+               "num_heads": "num_attention_heads", "image_size": "image_size",
+               "patch_size": "patch_size", "mlp_dim": "mlp_dim", "window_size": "window_size",
+               "global_attn_indexes": "global_attn_indexes", "layer_norm_eps": "layer_norm_eps",
+               "qkv_bias": "qkv_bias"}
+_DECODER_FIELDS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                   "num_heads": "num_attention_heads", "mlp_dim": "mlp_dim",
+                   "attention_downsample_rate": "attention_downsample_rate",
+                   "num_multimask_outputs": "num_multimask_outputs",
+                   "iou_head_depth": "iou_head_depth", "iou_head_hidden_dim": "iou_head_hidden_dim",
+                   "layer_norm_eps": "layer_norm_eps"}
+# What the modules implement; a checkpoint asking for something else is refused by name.
+_SUPPORTED = {"vision_config": {"hidden_act": "gelu", "use_abs_pos": True, "use_rel_pos": True,
+                                "num_channels": 3},
+              "prompt_encoder_config": {"hidden_act": "gelu", "num_point_embeddings": 4},
+              "mask_decoder_config": {"hidden_act": "relu"}}
+
+
+def pixel_sizes_from_hf(hf: Mapping, pixel: ml_collections.ConfigDict) -> dict[str, object]:
+  """A SamModel config.json dict -> the `model.pixel` architecture fields it fixes, as
+  {"decoder.hidden_size": 256, "sam_vit.num_layers": 32, ...}. The ViT's sizes are included
+  only when `pixel.image_encoder` is 'sam' (with 'mixed' the folder's ViT is not used).
+
+  transformers fills the fields a config.json omits (save_pretrained writes only those that
+  differ from its defaults). Raises ConversionError naming the field when the checkpoint is
+  not a SamModel or uses something the modules do not implement.
+  """
+  from transformers import SamConfig
+  if hf.get("model_type") != "sam":
+    raise ConversionError(f"config.json: model_type={hf.get('model_type')!r}, expected 'sam'")
+  try:
+    config = SamConfig.from_dict(dict(hf))
+  except (TypeError, ValueError) as e:
+    raise ConversionError(f"config.json: not a SamConfig: {e}") from None
+  subs = {name: getattr(config, name).to_dict() for name in _SUPPORTED}
+  for name, wants in _SUPPORTED.items():
+    for field, want in wants.items():
+      if subs[name].get(field, want) != want:
+        raise ConversionError(f"config.json: {name}.{field}={subs[name][field]!r} is not "
+                              f"supported (the module implements {want!r})")
+  vision, prompt, decoder = (subs[n] for n in _SUPPORTED)
+  sam = pixel.image_encoder == "sam"
+  width = decoder["hidden_size"]
+  agree = [("prompt_encoder_config.hidden_size", prompt["hidden_size"], width),
+           ("prompt_encoder_config.layer_norm_eps", prompt["layer_norm_eps"],
+            decoder["layer_norm_eps"]),
+           ("vision_config.num_pos_feats", 2 * vision["num_pos_feats"], width)]
+  if sam:
+    agree += [("vision_config.output_channels", vision["output_channels"], width),
+              ("prompt_encoder_config.image_size", prompt["image_size"], vision["image_size"]),
+              ("prompt_encoder_config.patch_size", prompt["patch_size"], vision["patch_size"])]
+  for field, got, want in agree:
+    if got != want:
+      raise ConversionError(f"config.json: {field} gives {got!r}, but mask_decoder_config / "
+                            f"vision_config give {want!r}; they must agree")
+  out = {f"decoder.{ours}": decoder[theirs] for ours, theirs in _DECODER_FIELDS.items()}
+  out["decoder.mask_input_channels"] = prompt["mask_input_channels"]
+  out["sam_vit.image_size"] = prompt["image_size"]  # the frame of the prompt encoder
+  if sam:
+    out.update({f"sam_vit.{ours}": vision[theirs] for ours, theirs in _VIT_FIELDS.items()})
+    out["sam_vit.global_attn_indexes"] = tuple(vision["global_attn_indexes"])
+  return out
+
+
+def read_hf_config(folder: str | os.PathLike, name: str = "model.pixel.pretrained_path") -> str:
+  """The text of a pretrained folder's config.json; ConversionError naming `name` if absent."""
+  config_file = pathlib.Path(folder) / "config.json"
+  if not config_file.is_file():
+    raise ConversionError(f"{name}: {str(folder)!r} has no config.json (not a transformers "
+                          f"checkpoint folder)")
+  return config_file.read_text()
+
+
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], pixel: ml_collections.ConfigDict, *,
                   expected: Mapping | None = None) -> dict:
   """HF SamModel state dict (numpy) -> {vision_encoder?, prompt_encoder, mask_decoder} params.
@@ -198,7 +289,7 @@ def save_hf_sam(params: Mapping, pixel: ml_collections.ConfigDict,
                      f"{pixel.image_encoder!r}")
   folder = pathlib.Path(folder)
   keymap.save_safetensors(flax_to_torch(params, pixel), folder)
-  hf_sam_config(pixel).save_pretrained(folder)
+  write_hf_sam_config(pixel, folder)
 
 
 def merge_pretrained(params: Mapping, sam_params: Mapping) -> dict:

@@ -281,7 +281,13 @@ def dinov2_config_from_hf(hf: Mapping, base: ml_collections.ConfigDict
 
 
 def dinov2_hf_config(config: Mapping) -> dict:
-  """`model.vision.dino` -> config.json of the matching HF Dinov2(WithRegisters)Model."""
+  """`model.vision.dino` -> config.json of the matching HF Dinov2(WithRegisters)Model, with
+  every other field of the pretrained folder's config.json (`pretrained_config`) kept."""
+  c = config
+  return keymap.keep_original_fields(_dinov2_hf_config(c), c.get("pretrained_config", None))
+
+
+def _dinov2_hf_config(config: Mapping) -> dict:
   import transformers
   c = config
   kwargs = {theirs: c[ours] for ours, theirs in _DINO_FIELDS.items()}
