@@ -134,7 +134,8 @@ def test_dota_counts_every_object_and_skips_headers(shared_data):
   counts = {r.id.split("count-")[1]: int(r.turns[1]) for r in records
             if r.id.startswith("dota-P0706-count-")}
   assert sum(counts.values()) == 536 and counts["ship"] > 500
-  assert all(len(_boxes(r)) <= common.MAX_GROUNDED for r in records if r.task == "box_grounding")
+  assert all(len(_boxes(r)) <= schema.MAX_ANSWER_BOXES
+             for r in records if r.task == "box_grounding")
 
 
 def test_rsicd_captions_and_mstar_classes(shared_data):

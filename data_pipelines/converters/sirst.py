@@ -51,7 +51,7 @@ def records(manual_dir: str, split: str) -> Iterator[schema.Record]:
     if os.path.exists(xml_path):
       boxes = [b for b in (common.clip_box(o.box, width, height)
                            for o in common.read_voc(xml_path).objects) if b]
-      if 0 < len(boxes) <= common.MAX_GROUNDED:
+      if 0 < len(boxes) <= schema.MAX_ANSWER_BOXES:
         yield common.grounding(f"{SOURCE}-{sid}-box", image, "infrared", SOURCE,
                                f"the {phrase}" if len(boxes) == 1 else phrase, boxes,
                                width, height)
