@@ -198,7 +198,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # paper writes boxes as text, so its presets keep the head off.
   model.box = ConfigDict(dict(
       head=is_tiny,
-      max_boxes=2 if is_tiny else 4,  # Qb in batch.py: [BOX] tokens per example
+      max_boxes=10,  # Qb in batch.py: [BOX] tokens per example; = schema.MAX_ANSWER_BOXES
       feature_stage=1,  # ConvNeXt stage the head reads (stride 8: 8x8 cells at 64 px)
       dim=32 if is_tiny else 256,  # query / key width of the head's attention
       l1_weight=1.0, giou_weight=1.0,

@@ -5,7 +5,9 @@
 NAME is one of builders.DATASETS: `synthetic_rs/{optical,sar,infrared}` (procedural, sizes
 from --config, no manual dir) or a converter name (dior_rsvg, hrsid, hit_uav, sirst, ssdd,
 rsicd, ucm_captions, nwpu_captions, rsvqa, scene_folder, mstar, dota) reading the dataset's own
-folder as published. Prints the number of records per split.
+folder as published. Writes `record_stats.json` beside the data (also for a dataset built before
+the stats existed: nothing is rebuilt) and prints the records, tasks and the most answer boxes /
+prompts / masks of one record per split.
 """
 
 import pathlib
@@ -45,8 +47,12 @@ def main(argv):
     if not _MANUAL_DIR.value:
       raise app.UsageError(f"--manual_dir: required for {name!r} (its folder as published)")
     builder = builders.build(name, data_dir, manual_dir=_MANUAL_DIR.value)
+  stats = builders.ensure_stats(builder)
   for split, info in sorted(builder.info.splits.items()):
-    print(f"{name} {split}: {info.num_examples} records in {builder.data_dir}")
+    s = stats[split]
+    print(f"{name} {split}: {info.num_examples} records in {builder.data_dir}; most per record: "
+          f"answer boxes {s['max_answer_boxes']}, prompts {s['max_prompts']}, "
+          f"masks {s['max_masks']}; tasks {s['tasks']}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ no TensorFlow needed: images are stored as encoded bytes). Names are `dataset` o
   synthetic_rs/{optical,sar,infrared}  procedural data (synthetic.py); no manual dir
   <converter>                          a real public format read from `manual_dir`
                                        (data_pipelines/converters/, one module each)
+
+Beside the data, `record_stats.json` holds per-split statistics of the stored records (counts
+per task, the most answer boxes / visual prompts / [SEG] masks in one record); `build` and
+`ensure_synthetic` write it, and `loader.prepare` checks the model's static slots against it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -23,12 +28,14 @@ from collections.abc import Iterator
 
 import ml_collections
 import tensorflow_datasets as tfds
+from etils import epath
 
 from data_pipelines import converters, schema, synthetic
 from data_pipelines.converters import (dior_rsvg, dota, hit_uav, hrsid, mstar, nwpu_captions,
                                        rsicd, rsvqa, scene_folder, sirst, ssdd, ucm_captions)
 
 _FILE_FORMAT = "array_record"
+STATS_FILE = "record_stats.json"
 
 
 class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -151,7 +158,47 @@ def build(name: str, data_dir: str, *, manual_dir: str | None = None,
   if manual_dir is not None:
     config = tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir))
   builder.download_and_prepare(download_config=config)
+  ensure_stats(builder)
   return builder
+
+
+def split_stats(source) -> dict:
+  """Statistics of one stored split (a data source of feature dicts): the record count, records
+  per task, and the most answer boxes / visual prompts / [SEG] masks in one record (what the
+  model's slots model.box.max_boxes / model.prompt.max_prompts / model.pixel.max_seg must hold)."""
+  tasks = collections.Counter()
+  most = dict(max_answer_boxes=0, max_prompts=0, max_masks=0)
+  for i in range(len(source)):
+    features = source[i]
+    tasks[schema.feature_text(features["task"])] += 1
+    turns = [schema.feature_text(t) for t in features["turns"]]
+    counts = dict(max_answer_boxes=schema.answer_box_count(turns),
+                  max_prompts=len(features["prompt_kind"]), max_masks=len(features["masks"]))
+    for key, value in counts.items():
+      most[key] = max(most[key], value)
+  return dict(num_records=len(source), tasks=dict(sorted(tasks.items())), **most)
+
+
+def ensure_stats(builder: tfds.core.DatasetBuilder) -> dict:
+  """`record_stats.json` of a prepared dataset ({split: split_stats}); written by one read of
+  the stored records when absent (datasets built before the stats existed get theirs here)."""
+  stats = read_stats(builder)
+  if stats is not None:
+    return stats
+  path = epath.Path(builder.data_dir) / STATS_FILE
+  splits = {split: split_stats(builder.as_data_source(split=split))
+            for split in sorted(builder.info.splits)}
+  tmp = path.parent / f"{STATS_FILE}.tmp-{os.getpid()}"
+  tmp.write_text(json.dumps({"version": 1, "splits": splits}, indent=1))
+  tmp.replace(path)  # atomic: a reader never sees half a file
+  return splits
+
+
+def read_stats(builder: tfds.core.DatasetBuilder) -> dict | None:
+  """{split: split_stats} of a prepared dataset; None when it was built before the stats
+  existed (`build` adds them without rebuilding)."""
+  path = epath.Path(builder.data_dir) / STATS_FILE
+  return json.loads(path.read_text())["splits"] if path.exists() else None
 
 
 def data_source(name: str, split: str, data_dir: str, *, synthetic_config=None):
@@ -190,6 +237,7 @@ def ensure_synthetic(data_dir: str, config: ml_collections.ConfigDict) -> str:
       if not builder.is_prepared():
         logging.info("generating synthetic_rs/%s under %s", modality, path)
         builder.download_and_prepare()
+      ensure_stats(builder)
   return path
 
 

@@ -62,7 +62,14 @@ BAD_REASONS: tuple[str, ...] = (
     "too_long",               # the prompt part alone exceeds data.max_length
     "too_many",               # more prompts / [SEG] masks / [BOX] boxes than the static slots
     "bad_answer_box",         # box head on: an answer's coordinates do not parse
+    "empty_mask",             # a [SEG] target mask has no foreground (nothing to segment)
 )
+
+# The most answer boxes (`[x1,y1,x2,y2]` in a record's answers) a converter writes: denser
+# scenes get counts only, so answers stay within a few hundred tokens. Every preset's
+# `model.box.max_boxes` holds this many (tests/test_data_limits.py), and `loader.prepare`
+# checks each dataset's stored `record_stats.json` against the model's slots.
+MAX_ANSWER_BOXES = 10
 
 
 class BadRecordError(ValueError):
@@ -196,7 +203,9 @@ def validate(record: Record, width: int, height: int) -> None:
     raise BadRecordError("seg_mask_count_mismatch", f"record {record.id!r} has {num_seg} "
                          f"{template.SEG} tokens but {len(record.masks)} masks")
   for q, mask in enumerate(record.masks):
-    decode_mask(mask, width, height, f"mask {q}")
+    if not decode_mask(mask, width, height, f"mask {q}").any():
+      raise BadRecordError("empty_mask", f"record {record.id!r}: target mask {q} is all zero "
+                           f"(a {template.SEG} with nothing to segment)")
 
 
 def _validate_turns(record: Record) -> None:
@@ -244,6 +253,16 @@ def _validate_prompt(prompt: VisualPrompt, i: int, width: int, height: int) -> N
     m = decode_mask(prompt.mask, width, height, f"prompt {i} mask")
     if not m.any():
       raise BadRecordError("bad_prompt", f"prompt {i}: empty mask")
+
+
+def answer_box_count(turns: Sequence[str]) -> int:
+  """`[x1,y1,x2,y2]` boxes in the ASSISTANT turns: the [BOX] slots the record needs with the
+  box head on (0 for text whose coordinates do not parse: that record is `bad_answer_box`)."""
+  answers = turns[1:len(turns) - len(turns) % 2:2]
+  try:  # the count does not depend on the image size
+    return sum(len(template.parse_coordinates(t, 1, 1).boxes) for t in answers)
+  except template.CoordinateParseError:
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------

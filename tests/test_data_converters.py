@@ -57,12 +57,11 @@ def test_sirst_masks_and_boxes(shared_data, tmp_path):
   assert len(records) > 50
   for r in records[:20]:
     sid = r.id.split("-")[1]
+    mask = np.asarray(Image.open(root / "masks" / f"{sid}_pixels0.png").convert("L")) > 0
     if r.task == "referring_segmentation":
-      mask = np.asarray(Image.open(root / "masks" / f"{sid}_pixels0.png").convert("L")) > 0
       np.testing.assert_array_equal(schema.decode_mask(r.masks[0], *_size(r)), mask)
     else:
-      voc = common.read_voc(root / "masks" / f"{sid}.xml")
-      _close(_boxes(r), [o.box for o in voc.objects], *_size(r))
+      _close(_boxes(r), sirst.target_boxes(mask), *_size(r))
   # Known quirk: a mask whose size disagrees with its image is skipped, not converted.
   for sub in ("images", "masks", "idx_427"):
     (tmp_path / sub).mkdir()
@@ -70,6 +69,40 @@ def test_sirst_masks_and_boxes(shared_data, tmp_path):
   Image.new("L", (30, 30), 255).save(tmp_path / "masks" / "a_pixels0.png")
   (tmp_path / "idx_427" / "test.txt").write_text("a\n")
   assert not list(sirst.records(tmp_path, "test"))
+
+
+def test_sirst_answers_name_every_target(shared_data):
+  """Masks with k separate targets (14 of the 99 sample images; the XML has one box spanning
+  them all) get k answer boxes, one on each target, and plural phrasing."""
+  from scipy import ndimage
+  root = shared_data / "SIRST"
+  records = _valid([*sirst.records(root, "validation"), *sirst.records(root, "test")])
+  by_image = {}
+  for r in records:
+    by_image.setdefault(r.id.split("-")[1], {})[r.task] = r
+  several = 0
+  for sid, tasks in by_image.items():
+    mask = np.asarray(Image.open(root / "masks" / f"{sid}_pixels0.png").convert("L")) > 0
+    labels, k = ndimage.label(mask, structure=np.ones((3, 3)))
+    boxes = _boxes(tasks["box_grounding"])
+    assert len(boxes) == k, (sid, k, boxes)
+    hit = set()
+    for x1, y1, x2, y2 in boxes:  # each box covers (most of) its own target
+      inside = labels[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))]
+      target = np.bincount(inside.ravel(), minlength=k + 1)[1:].argmax() + 1
+      assert (inside == target).sum() >= 0.8 * (labels == target).sum(), (sid, target)
+      hit.add(target)
+    assert hit == set(range(1, k + 1)), sid
+    question = tasks["box_grounding"].turns[0]
+    segment = tasks["referring_segmentation"].turns[0]
+    if k == 1:
+      assert question.endswith("Where is the small target? Answer with a box.")
+      assert segment.endswith("Segment the small target.")
+    else:
+      several += 1
+      assert question.endswith("Locate every small target. Answer with boxes.")
+      assert segment.endswith("Segment the small targets.")
+  assert len(by_image) == 99 and several == 14
 
 
 def test_hrsid_instance_masks_agree_with_the_colour_mask(shared_data):
@@ -134,7 +167,8 @@ def test_dota_counts_every_object_and_skips_headers(shared_data):
   counts = {r.id.split("count-")[1]: int(r.turns[1]) for r in records
             if r.id.startswith("dota-P0706-count-")}
   assert sum(counts.values()) == 536 and counts["ship"] > 500
-  assert all(len(_boxes(r)) <= common.MAX_GROUNDED for r in records if r.task == "box_grounding")
+  assert all(len(_boxes(r)) <= schema.MAX_ANSWER_BOXES
+             for r in records if r.task == "box_grounding")
 
 
 def test_rsicd_captions_and_mstar_classes(shared_data):

@@ -175,7 +175,8 @@ def test_answer_boxes_become_box_tokens_with_global_view_targets(config, tokeniz
     height, width = example["image_size"]
     (box,) = template.parse_coordinates(record.turns[1], width, height).boxes
     answer = example["targets"][example["loss_mask"]].tolist()
-    assert answer.count(ids.box) == 1 and example["box_valid"].tolist() == [True, False]
+    assert answer.count(ids.box) == 1 and example["box_valid"].tolist() == [True] + [False] * (
+        config.model.box.max_boxes - 1)
     affine = example["view_affine"][0]
     corners = np.array([[box[0], box[1], 1], [box[2], box[3], 1]]) @ affine.T / size
     np.testing.assert_allclose(example["box_targets"][0], corners.reshape(-1), rtol=1e-6)
@@ -187,9 +188,9 @@ def test_answer_boxes_become_box_tokens_with_global_view_targets(config, tokeniz
     seen += 1
   assert seen
   valid = np.ones(1 + config.model.vision.max_tiles, bool)
-  three = " ".join(["[1,2,3,4]"] * 3)
-  with pytest.raises(schema.BadRecordError, match="too_many.*model.box.max_boxes=2"):
-    with_head.tokenize(["<image>\nq", three], "optical", valid, (100, 100))
+  over = " ".join(["[1,2,3,4]"] * (config.model.box.max_boxes + 1))
+  with pytest.raises(schema.BadRecordError, match="too_many.*model.box.max_boxes=10"):
+    with_head.tokenize(["<image>\nq", over], "optical", valid, (100, 100))
   # A literal "[BOX]" in the data has no target box: it becomes a space, never the token.
   text, _, boxes = with_head.tokenize(["<image>\nq", "a [BOX] b"], "optical", valid, (100, 100))
   assert ids.box not in text["input_ids"] and boxes == []
@@ -275,6 +276,7 @@ def _bad_variants(good: schema.Record) -> dict[str, schema.Record]:
   import dataclasses
   r = dataclasses.replace
   small = schema.encode_mask(np.ones((3, 3), bool))
+  empty = schema.encode_mask(np.zeros(Image.open(io.BytesIO(good.image)).size[::-1], bool))
   return {
       "corrupt_image": r(good, image=b"\x89PNG not really"),
       "unknown_modality": r(good, modality="lidar"),
@@ -287,6 +289,7 @@ def _bad_variants(good: schema.Record) -> dict[str, schema.Record]:
       "no_answer": r(good, turns=("<image>\nWhat?",)),
       "bad_placeholder": r(good, turns=("<image>\nWhat is <vp3>?", "ship")),
       "bad_answer_box": r(good, turns=("<image>\nWhere is the ship?", "[10,20,30]")),
+      "empty_mask": r(good, turns=("<image>\nSegment it.", "[SEG]"), masks=(empty,)),
   }
 
 

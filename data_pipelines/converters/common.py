@@ -111,11 +111,6 @@ def report_missing(source: str, missing: Sequence[str], listed: int) -> None:
                     len(missing), listed, missing[0])
 
 
-# Box-grounding answers list at most this many boxes (denser scenes get counts only), so
-# answers stay within a few hundred tokens.
-MAX_GROUNDED = 10
-
-
 def plural(name: str) -> str:
   if name.endswith(("s", "x", "sh", "ch")):
     return name + "es"
@@ -145,6 +140,11 @@ def _record(rid, image, modality, source, task, question, answer, prompts=(), ma
 
 
 def grounding(rid, image, modality, source, phrase, boxes, width, height) -> schema.Record:
+  """Box grounding of `phrase`; callers ground at most schema.MAX_ANSWER_BOXES boxes (denser
+  scenes get counts only), the limit the presets' model.box.max_boxes holds."""
+  if not 0 < len(boxes) <= schema.MAX_ANSWER_BOXES:
+    raise ValueError(f"{rid}: {len(boxes)} boxes; a grounding answer holds 1.."
+                     f"{schema.MAX_ANSWER_BOXES} (schema.MAX_ANSWER_BOXES)")
   question = f"Where is {phrase}? Answer with a box." if len(boxes) == 1 else (
       f"Locate every {phrase}. Answer with boxes.")
   return _record(rid, image, modality, source, "box_grounding", question,

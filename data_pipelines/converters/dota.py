@@ -3,7 +3,7 @@
 Layout: `images/<id>.png` and `labelTxt/<id>.txt`: optional header lines (`imagesource:...`,
 `gsd:...`), then one object per line `x1 y1 x2 y2 x3 y3 x4 y4 class difficult`. Oriented boxes
 become their enclosing horizontal boxes, clipped to the image. Each image gives a count per
-class (dense counting) and a box grounding for classes with at most `common.MAX_GROUNDED`
+class (dense counting) and a box grounding for classes with at most `schema.MAX_ANSWER_BOXES`
 objects.
 The split is the folder: pass `train/` or `val/` of the release, or any folder with
 `images/` and `labelTxt/` (all of it is `train`; `validation` is then empty).
@@ -63,6 +63,6 @@ def records(manual_dir: str, split: str) -> Iterator[schema.Record]:
     for cls, boxes in sorted(by_class.items()):
       yield common.counting(f"{SOURCE}-{stem}-count-{cls}", image, "optical", SOURCE, cls,
                             len(boxes))
-      if len(boxes) <= common.MAX_GROUNDED:
+      if len(boxes) <= schema.MAX_ANSWER_BOXES:
         yield common.grounding(f"{SOURCE}-{stem}-box-{cls}", image, "optical", SOURCE,
                                f"the {cls}" if len(boxes) == 1 else cls, boxes, width, height)

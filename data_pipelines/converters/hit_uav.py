@@ -5,7 +5,7 @@ Layout (as published): `normal_xml/{Annotations,JPEGImages,ImageSets/Main/<split
 is under `annotation` (singular) and images name their file in `filename`. The VOC files are
 read; `read_json` parses the JSON variant (same boxes, used to cross-check). `DontCare`
 regions are dropped. Each image gives, per class present, a count and (up to
-`common.MAX_GROUNDED` objects) a box grounding, and a referring classification of its first
+`schema.MAX_ANSWER_BOXES` objects) a box grounding, and a referring classification of its first
 object.
 """
 
@@ -56,7 +56,7 @@ def image_records(stem, image, objects, width, height) -> Iterator[schema.Record
     phrase = class_phrase(name)
     yield common.counting(f"{SOURCE}-{stem}-count-{name}", image, "infrared", SOURCE, phrase,
                           len(boxes))
-    if len(boxes) <= common.MAX_GROUNDED:
+    if len(boxes) <= schema.MAX_ANSWER_BOXES:
       yield common.grounding(f"{SOURCE}-{stem}-box-{name}", image, "infrared", SOURCE,
                              f"the {phrase}" if len(boxes) == 1 else phrase, boxes, width,
                              height)

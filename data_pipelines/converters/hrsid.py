@@ -102,7 +102,7 @@ def _chip_records(chip, image, masks, modality, source, name) -> Iterator[schema
   yield common.segmentation(f"{source}-{chip}-seg", image, modality, source, phrase,
                             common.union_mask(masks))
   boxes = [schema.mask_to_box(m) for m in masks]
-  if len(boxes) <= common.MAX_GROUNDED:
+  if len(boxes) <= schema.MAX_ANSWER_BOXES:
     yield common.grounding(f"{source}-{chip}-box", image, modality, source,
                            f"the {name}" if len(boxes) == 1 else name, boxes, width, height)
 

@@ -37,6 +37,6 @@ def records(manual_dir: str, split: str) -> Iterator[schema.Record]:
     width, height = common.image_size(image)
     boxes = [b for b in (common.clip_box(o.box, width, height) for o in voc.objects) if b]
     yield common.counting(f"{SOURCE}-{stem}-count", image, "sar", SOURCE, "ship", len(boxes))
-    if 0 < len(boxes) <= common.MAX_GROUNDED:
+    if 0 < len(boxes) <= schema.MAX_ANSWER_BOXES:
       yield common.grounding(f"{SOURCE}-{stem}-box", image, "sar", SOURCE,
                              "the ship" if len(boxes) == 1 else "ship", boxes, width, height)
