@@ -165,7 +165,7 @@ def load_workdir(workdir: str | os.PathLike, step: int | None = None
 def save_workdir(config: ml_collections.ConfigDict, trainable: Mapping, workdir: str | os.PathLike,
                  *, step: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> None:
   """{"params": ..., "lora": ...} -> an Orbax train-state checkpoint in a new workdir (fresh
-  optimizer state), with config.json and tokenizer/ as train.py writes them."""
+  optimizer state), with config.json and tokenizer/ as training.py writes them."""
   workdir = pathlib.Path(workdir)
   if (workdir / "checkpoints").exists():
     raise ExportError(f"--workdir: {workdir} already holds checkpoints; choose a new folder")
