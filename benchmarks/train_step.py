@@ -30,6 +30,7 @@ from flax import linen as nn
 
 from earthgptx_jax import perf, sharding, trainer
 from earthgptx_jax import torch_model as torch_model_lib
+from earthgptx_jax import torch_modules
 
 DICE_SCALE, DICE_EPS = 1000.0, 1e-6  # as earthgptx_jax/losses.py (LISA)
 
@@ -84,7 +85,7 @@ def torch_loss(config, batch, logits, mask_logits, boxes, cell_logits):
   giou = torchvision.ops.generalized_box_iou_loss(pred, target, reduction="sum") / num_boxes
   cell = torch.zeros(())
   if cell_logits is not None:
-    cells = torch_model_lib.centre_cells(target, *cell_logits.shape[-2:])
+    cells = torch_modules.centre_cells(target, *cell_logits.shape[-2:])
     cell = torch.nn.functional.cross_entropy(cell_logits[box_valid].flatten(1), cells,
                                              reduction="sum") / num_boxes
   return (w.ce_weight * ce + w.bce_weight * bce + w.dice_weight * dice + wb.l1_weight * l1
@@ -122,10 +123,10 @@ def run(data, batch: dict[str, np.ndarray], repeats: int = 5, warmup: int = 2,
                 rss_after_jax_gb=peak_rss_gb())
   fns = [jax_step]
   if with_torch:
-    from earthgptx_jax import export_torch
+    from earthgptx_jax import export
     with tempfile.TemporaryDirectory() as tmp:
       folder = pathlib.Path(tmp) / "export"
-      export_torch.write_folder(config, params0, folder, tokenizer_dir=None)
+      export.write_folder(config, params0, folder, tokenizer_dir=None)
       torch_model = torch_model_lib.EarthGPTXTorch.from_pretrained(folder).train()
     tbatch = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
     tc = config.train

@@ -295,6 +295,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.distributed.num_processes = placeholder(int)
   config.distributed.process_id = placeholder(int)
   config.distributed.local_device_ids = placeholder(tuple)
+  config.loss = ConfigDict(dict(ce=1.0, mask_bce=2.0, mask_dice=0.5, box_l1=1.0, box_giou=1.0,
+                                box_cell=1.0))
   if preset == "gpu1b":
     _gpu1b(config)
   return config

@@ -16,7 +16,7 @@ import pytest
 
 from data_pipelines import loader
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import checkpointing, export_torch, infer, tokenizer as tokenizer_lib, trainer
+from earthgptx_jax import checkpointing, export, infer, tokenizer as tokenizer_lib, trainer
 from earthgptx_jax import workdir_lock
 from model_fixtures import tiny_config
 
@@ -42,10 +42,10 @@ def run(tmp_path_factory):
       vars(loader.TokenIds.from_tokenizer(tokenizer_lib.load_tokenizer(str(tok_dir)))))
   params = {3: _random_params(config, 3), 7: _random_params(config, 7)}
   wd = root / "run"
-  export_torch.save_workdir(config, {"params": params[3], "lora": {}}, wd, step=3,
-                            tokenizer_dir=tok_dir)
+  export.save_workdir(config, {"params": params[3], "lora": {}}, wd, step=3,
+                      tokenizer_dir=tok_dir)
   other = root / "other"
-  export_torch.save_workdir(config, {"params": params[7], "lora": {}}, other, step=7)
+  export.save_workdir(config, {"params": params[7], "lora": {}}, other, step=7)
   shutil.copytree(other / "checkpoints" / "7", wd / "checkpoints" / "7")
   # A save in progress, as Orbax lays it out before the atomic rename to `9`.
   tmp = wd / "checkpoints" / "9.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp"
@@ -79,7 +79,7 @@ def test_readers_leave_the_workdir_untouched_while_a_save_is_in_flight(run):
   with workdir_lock.WorkdirLock(wd):  # a training job owns the workdir; readers take no lock
     before = _snapshot(wd)
     predictor = infer.Predictor.from_workdir(wd)
-    _, exported, step = export_torch.load_workdir(wd)
+    _, exported, step = export.load_workdir(wd)
     got_step, got = checkpointing.load_params(wd, config)
     assert _snapshot(wd) == before
   assert (wd / "checkpoints" / "9.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp").is_dir()
@@ -149,5 +149,5 @@ def test_missing_checkpoints_are_one_clear_error(run, tmp_path):
   shutil.copytree(wd, empty, ignore=shutil.ignore_patterns("[0-9]"))
   with pytest.raises(infer.InferenceError, match="--workdir: no checkpoint in"):
     infer.Predictor.from_workdir(empty)
-  with pytest.raises(export_torch.ExportError, match="--workdir: no checkpoint in"):
-    export_torch.load_workdir(empty)
+  with pytest.raises(export.ExportError, match="--workdir: no checkpoint in"):
+    export.load_workdir(empty)

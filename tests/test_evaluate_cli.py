@@ -22,7 +22,7 @@ import pytest
 from data_pipelines import builders, loader, schema
 from data_pipelines.converters import captions
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import evaluate, export_torch, metrics, tokenizer as tokenizer_lib, trainer
+from earthgptx_jax import evaluate, export, metrics, tokenizer as tokenizer_lib, trainer
 from model_fixtures import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def workdir(tmp_path_factory):
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
   wd = root / "run"
-  export_torch.save_workdir(config, {"params": params, "lora": {}}, wd, tokenizer_dir=tok_dir)
+  export.save_workdir(config, {"params": params, "lora": {}}, wd, tokenizer_dir=tok_dir)
   return types.SimpleNamespace(path=wd, config=config, tokenizer=tokenizer)
 
 

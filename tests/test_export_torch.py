@@ -17,9 +17,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from earthgptx_jax import export_torch as et
+from earthgptx_jax import export as et
 from earthgptx_jax import lora, torch_model
 from earthgptx_jax.convert import keymap
+from earthgptx_jax.convert import own as own_convert
 from model_fixtures import tiny_config
 
 RTOL = 1e-5
@@ -206,7 +207,7 @@ def test_paper_preset_is_representable():
   config.model.token_ids.update(dict(bos=1, eos=2, pad=0, image_patch=31997, vp_patch=31998,
                                      seg=31999))
   shapes = keymap.flatten(et.expected_params(config))
-  rules = et.own_rules(config.model)
+  rules = own_convert.own_rules(config.model)
   assert all(r.flax_path in shapes for r in rules)
   kwargs = torch_model.convnext_kwargs(config.model.vision.convnext)
   assert kwargs["dims"] == (192, 384, 768, 1536)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from flax import linen as nn
 
 from configs import fusion as fusion_config
-from earthgptx_jax import torch_model
+from earthgptx_jax import torch_modules
 from earthgptx_jax.models import regions
 
 
@@ -91,7 +91,7 @@ def test_region_vector_reads_only_the_box(encoder):
 def test_torch_region_encoder_matches(cfg, encoder):
   module, params, maps, geometry, valid = encoder
   ours = np.asarray(module.apply(params, maps, geometry, valid))
-  theirs = torch_model.RegionEncoder(cfg)
+  theirs = torch_modules.RegionEncoder(cfg)
   p = jax.tree.map(np.asarray, nn.meta.unbox(params)["params"])
   state = {"norm.weight": p["norm"]["scale"], "norm.bias": p["norm"]["bias"],
            "fc1.weight": p["fc1"]["kernel"].T, "fc1.bias": p["fc1"]["bias"],
