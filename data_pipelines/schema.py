@@ -22,19 +22,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from earthgptx_jax import template
+from earthgptx_jax import tasks, template
 
 # Index = `task_id` in the batch (earthgptx_jax/batch.py). Append new tasks at the end only.
-TASKS: tuple[str, ...] = (
-    "scene_classification",
-    "image_caption",
-    "vqa",
-    "referring_classification",
-    "region_caption",
-    "relation_reasoning",
-    "box_grounding",
-    "referring_segmentation",
-)
+TASKS: tuple[str, ...] = tasks.NAMES  # earthgptx_jax/tasks.py: one place per task
 MODALITIES: tuple[str, ...] = template.MODALITIES
 
 # Visual prompt kinds, their batch `prompt_type`, and how many points each stores.

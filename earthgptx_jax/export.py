@@ -11,7 +11,7 @@ is convert/own.py). The folder is written under a temporary name; the same rando
 logits agree to `PARITY_RTOL` (max |a - b| / max |b|) is it renamed into place.
 
 Import: such a folder -> Flax params (bit-identical to the exported ones) -> an Orbax checkpoint
-in a new workdir (config.json, tokenizer/, checkpoints/STEP) that `infer.Predictor.from_workdir`
+in a new workdir (config.json, tokenizer/, checkpoints/STEP) that `predictor.Predictor.from_workdir`
 and this exporter read like any trained run.
 """
 

@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 
 from data_pipelines import loader
-from earthgptx_jax import checkpointing, evaluate, perf, pretrained, trainer, workdir_lock
+from earthgptx_jax import checkpointing, evaluation, perf, pretrained, trainer, workdir_lock
 from earthgptx_jax import progress as progress_lib
 
 
@@ -125,11 +125,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     eval_every = int(config.train.get("eval_every_steps", 0) or 0)
     eval_metrics = None
     if eval_every and step % eval_every == 0 and step < total_steps:
-      eval_metrics = evaluate.evaluate_params(trainer.model_params(state.trainable, config),
+      eval_metrics = evaluation.evaluate_params(trainer.model_params(state.trainable, config),
                                               config, data, mesh=mesh,
                                               max_examples=config.train.get("eval_examples"))
       progress.write_eval(step, eval_metrics)
-      _log("eval " + evaluate.format_summary(eval_metrics))
+      _log("eval " + evaluation.format_summary(eval_metrics))
     stop = preemption.requested or ckpt.reached_preemption(step)
     if step % int(config.checkpoint.every_steps) == 0 or step == total_steps or stop:
       ckpt.save(step, state, data_iter=train_iter, config=config,
@@ -142,11 +142,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     if step < total_steps:
       batch = trainer.global_batch(next(train_iter), config, mesh)
   ckpt.wait()
-  final = evaluate.evaluate_params(trainer.model_params(state.trainable, config), config, data,
+  final = evaluation.evaluate_params(trainer.model_params(state.trainable, config), config, data,
                                    mesh=mesh,
                                    max_examples=config.train.get("eval_examples"))
   progress.write_eval(step, final)
-  _log("final eval " + evaluate.format_summary(final))
+  _log("final eval " + evaluation.format_summary(final))
   result = {"step": step, **last, **{f"eval/{k}": v for k, v in final.items()}}
   if jax.process_index() == 0:
     (workdir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))

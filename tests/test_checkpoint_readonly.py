@@ -16,7 +16,8 @@ import pytest
 
 from data_pipelines import loader
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import checkpointing, export, infer, tokenizer as tokenizer_lib, trainer
+from earthgptx_jax import checkpointing, export, tokenizer as tokenizer_lib, trainer
+from earthgptx_jax import predictor as predictor_lib
 from earthgptx_jax import workdir_lock
 from model_fixtures import tiny_config
 
@@ -78,13 +79,13 @@ def test_readers_leave_the_workdir_untouched_while_a_save_is_in_flight(run):
   wd, config, params = run
   with workdir_lock.WorkdirLock(wd):  # a training job owns the workdir; readers take no lock
     before = _snapshot(wd)
-    predictor = infer.Predictor.from_workdir(wd)
+    predictor = predictor_lib.Predictor.from_workdir(wd)
     _, exported, step = export.load_workdir(wd)
     got_step, got = checkpointing.load_params(wd, config)
     assert _snapshot(wd) == before
   assert (wd / "checkpoints" / "9.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp").is_dir()
   assert step == got_step == 7  # the newest finalised one, not the save in flight
-  for tree in (predictor.generator.params, exported, got):
+  for tree in (predictor.params, exported, got):
     _assert_equal_trees(tree, params[7])
 
 
@@ -134,8 +135,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_without_writing(run, tmp_path):
     checkpointing.load_params(copy, config, step=7)
   shutil.rmtree(copy / "checkpoints" / "3")
   before = _snapshot(copy)
-  with pytest.raises(infer.InferenceError, match="could be restored"):
-    infer.Predictor.from_workdir(copy)
+  with pytest.raises(predictor_lib.InferenceError, match="could be restored"):
+    predictor_lib.Predictor.from_workdir(copy)
   assert _snapshot(copy) == before
 
 
@@ -143,11 +144,11 @@ def test_missing_checkpoints_are_one_clear_error(run, tmp_path):
   wd, config, _ = run
   with pytest.raises(checkpointing.CheckpointNotFoundError, match=r"no checkpoint 5 .*\[3, 7\]"):
     checkpointing.load_params(wd, config, step=5)
-  with pytest.raises(infer.InferenceError, match="--step: no checkpoint 5"):
-    infer.Predictor.from_workdir(wd, step=5)
+  with pytest.raises(predictor_lib.InferenceError, match="--step: no checkpoint 5"):
+    predictor_lib.Predictor.from_workdir(wd, step=5)
   empty = tmp_path / "empty"
   shutil.copytree(wd, empty, ignore=shutil.ignore_patterns("[0-9]"))
-  with pytest.raises(infer.InferenceError, match="--workdir: no checkpoint in"):
-    infer.Predictor.from_workdir(empty)
+  with pytest.raises(predictor_lib.InferenceError, match="--workdir: no checkpoint in"):
+    predictor_lib.Predictor.from_workdir(empty)
   with pytest.raises(export.ExportError, match="--workdir: no checkpoint in"):
     export.load_workdir(empty)

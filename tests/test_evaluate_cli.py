@@ -22,7 +22,8 @@ import pytest
 from data_pipelines import builders, loader, schema
 from data_pipelines.converters import captions
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import evaluate, export, metrics, tokenizer as tokenizer_lib, trainer
+from earthgptx_jax import checkpointing, evaluation, export, metrics, trainer
+from earthgptx_jax import tokenizer as tokenizer_lib
 from model_fixtures import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -124,15 +125,15 @@ def test_pooled_references_are_every_caption_of_the_image(tmp_path, workdir, sha
   """A prefix of the (shuffled) stored records holds only some captions of an image: each
   kept sample is scored against all of them, once per image."""
   builders.build("rsicd", str(tmp_path), manual_dir=str(shared_data / RSICD))
-  config = evaluate.with_data(workdir.config, data_dir=str(tmp_path),
-                              datasets=("rsicd",))
+  config = evaluation.with_data(workdir.config, data_dir=str(tmp_path),
+                                datasets=("rsicd",))
   assert [(s.dataset, s.weight) for s in config.data.sources.values()] == [("rsicd", 1.0)]
   source = loader.eval_sources(config, "test")["rsicd"]
   records = [schema.from_features(source[i]) for i in range(40)]  # some images repeat
   samples = [metrics.EvalSample(r.task, r.modality, r.source, "a plane", (r.turns[-1],),
-                                group=evaluate.image_group(r.task, r.source, r.image))
+                                group=evaluation.image_group(r.task, r.source, r.image))
              for r in records]
-  pooled = evaluate.pool_image_references(samples, config, "test")
+  pooled = evaluation.pool_image_references(samples, config, "test")
   stems = [r.id.rsplit("-", 1)[0].removeprefix("rsicd-") for r in records]
   assert len(pooled) == len(set(stems)) < len(samples)
   truth = json.loads((shared_data / RSICD / "src/datasets/RSICD/dataset/test.json").read_text())
@@ -144,6 +145,30 @@ def test_pooled_references_are_every_caption_of_the_image(tmp_path, workdir, sha
   for stem, sample in zip(dict.fromkeys(stems), pooled):
     assert sample.answer == first[stem].answer
     assert sorted(sample.references) == sorted(by_stem[stem])
+
+
+def test_evaluating_new_params_traces_nothing_again(workdir):
+  """Training evaluates new params every few hundred steps: the second evaluation of one config
+  reuses the jitted prefill, decoding and heads (a Generator made afresh per evaluation traced
+  and compiled them all again)."""
+  data = loader.Data(config=workdir.config, tokenizer=workdir.tokenizer)
+  _, params = checkpointing.load_params(workdir.path, workdir.config)
+  first_params, later_params = (jax.tree.map(lambda x, s=s: x * s, params) for s in (1.0, 1.01))
+  traces = []
+
+  def listener(event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+      traces.append(event)
+
+  evaluation.evaluate_params(first_params, workdir.config, data, max_examples=2)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    flat = evaluation.evaluate_params(later_params, workdir.config, data, max_examples=2)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert "score" in flat
+  assert not traces
 
 
 def _mask(h, w, box=None):
@@ -164,6 +189,6 @@ def test_summary_counts_segmentation_by_giou():
   results = metrics.evaluate(seg + cls)
   row = results["tasks"]["referring_segmentation"]["all"]
   assert row["gIoU"] == 0.0 and row["mIoU"] > 0.45
-  flat = evaluate.summarize(results)
+  flat = evaluation.summarize(results)
   assert flat["score"] == pytest.approx((0.0 + 0.5) / 2)
   assert results["tasks"]["scene_classification"]["all"]["chance"] == 1.0  # one label

@@ -16,7 +16,9 @@ import pytest
 
 from data_pipelines import loader, schema
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import export, infer, template, tokenizer as tokenizer_lib, trainer
+from earthgptx_jax import export, generate, overlay, template, trainer
+from earthgptx_jax import tokenizer as tokenizer_lib
+from earthgptx_jax import predictor as predictor_lib
 from model_fixtures import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,12 +50,13 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(workdir):
-  return infer.Predictor.from_workdir(workdir)
+  return predictor_lib.Predictor.from_workdir(workdir)
 
 
 def test_predictor_answers_about_a_real_image_with_prompts(predictor, shared_data):
   image = (shared_data / SIRST_IMAGE).read_bytes()
-  prompts = [infer.parse_prompt_flag("box", "10,10,60,50"), infer.parse_prompt_flag("point", "30,40")]
+  prompts = [predictor_lib.parse_prompt_flag("box", "10,10,60,50"),
+             predictor_lib.parse_prompt_flag("point", "30,40")]
   first = predictor(image, "infrared", "What is inside <vp1> and near <vp2>?", prompts,
                     max_new_tokens=8)
   again = predictor(image, "infrared", "What is inside <vp1> and near <vp2>?", prompts,
@@ -74,15 +77,15 @@ def preprocess_shape(image_bytes):
 def test_bad_requests_raise_one_clear_error(predictor, shared_data):
   image = (shared_data / SIRST_IMAGE).read_bytes()
   h, w = preprocess_shape(image)
-  with pytest.raises(infer.InferenceError, match="outside"):
+  with pytest.raises(predictor_lib.InferenceError, match="outside"):
     predictor(image, "infrared", "What is in <vp1>?",
-              [infer.parse_prompt_flag("box", f"{w + 10},{h + 10},{w + 40},{h + 40}")])
-  with pytest.raises(infer.InferenceError, match="corrupt_image"):
+              [predictor_lib.parse_prompt_flag("box", f"{w + 10},{h + 10},{w + 40},{h + 40}")])
+  with pytest.raises(predictor_lib.InferenceError, match="corrupt_image"):
     predictor(b"not an image", "infrared", "Describe.")
-  with pytest.raises(infer.InferenceError, match="unknown_modality"):
+  with pytest.raises(predictor_lib.InferenceError, match="unknown_modality"):
     predictor(image, "hyperspectral", "Describe.")
-  with pytest.raises(infer.InferenceError, match="--box"):
-    infer.parse_prompt_flag("box", "1,2,3")
+  with pytest.raises(predictor_lib.InferenceError, match="--box"):
+    predictor_lib.parse_prompt_flag("box", "1,2,3")
 
 
 def _cli(*args):
@@ -137,14 +140,14 @@ def test_box_tokens_are_written_as_the_heads_boxes_in_the_original_frame(predict
   in_view = np.array([[box[0], box[1], 1], [box[2], box[3], 1]]) @ affine.T / size
   generated = (tok.encode("the ship is at", add_special_tokens=False) + [ids.box, ids.seg]
                + tok.encode(" left", add_special_tokens=False) + [ids.eos])
-  answer = infer.answer_text(generated, tok, config, in_view.reshape(1, 4), affine,
-                             (height, width))
+  answer = generate.answer_text(generated, tok, config, in_view.reshape(1, 4), affine,
+                                (height, width))
   assert answer.startswith("the ship is at [") and answer.endswith("] left")
   (parsed,) = template.parse_coordinates(answer, width, height).boxes
   np.testing.assert_allclose(parsed, box, atol=width / template.COORD_BINS)
   # More [BOX] tokens than boxes (beyond model.box.max_boxes): the extra ones leave the text.
-  assert infer.answer_text([ids.box, ids.box], tok, config, in_view.reshape(1, 4), affine,
-                           (height, width)).count("[") == 1
+  assert generate.answer_text([ids.box, ids.box], tok, config, in_view.reshape(1, 4), affine,
+                              (height, width)).count("[") == 1
 
 
 def _cli_in(cwd, *args):
@@ -220,12 +223,12 @@ def test_overlay_strokes_and_labels_scale_with_the_image_and_show_on_white():
   for height, width in ((200, 300), (3072, 4592)):
     fx, fy = width / 300, height / 200
     box = (60 * fx, 50 * fy, 180 * fx, 150 * fy)
-    prompts = [infer.parse_prompt_flag("box", ",".join(str(v) for v in box)),
-               infer.parse_prompt_flag("point", f"{250 * fx},{30 * fy}")]
+    prompts = [predictor_lib.parse_prompt_flag("box", ",".join(str(v) for v in box)),
+               predictor_lib.parse_prompt_flag("point", f"{250 * fx},{30 * fy}")]
     predicted = (200 * fx, 110 * fy, 280 * fx, 190 * fy)
-    prediction = infer.Prediction("a target", [predicted], [], [])
-    img = np.asarray(infer.render_overlay(_white_png(height, width), "optical", prompts,
-                                          prediction, cfg))
+    prediction = generate.Prediction("a target", [predicted], [], [])
+    img = np.asarray(overlay.render_overlay(_white_png(height, width), "optical", prompts,
+                                            prediction, cfg))
     assert img.shape == (height, width, 3)
     drawn = (img != 255).any(-1)
     # The prompt box's left edge: a vertical stroke crossed by the row through its middle.

