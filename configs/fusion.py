@@ -140,9 +140,6 @@ def _pixel() -> ConfigDict:
   pixel.image_encoder = "sam"
   pixel.dtype = "bfloat16"
   pixel.param_dtype = "float32"
-  pixel.ce_weight = 1.0
-  pixel.bce_weight = 2.0
-  pixel.dice_weight = 0.5
   pixel.mask_threshold = 0.0  # logit threshold for binary masks (SAM's)
   # Local HF SamModel folder (safetensors); its config.json replaces the sizes below
   # (pretrained.resolve_config, one log line per changed field).
@@ -168,8 +165,6 @@ def _box() -> ConfigDict:
       max_boxes=4,  # Qb in batch.py: [BOX] tokens per example
       feature_stage=1,  # ConvNeXt stage the head reads (stride 8)
       dim=256,  # query / key width of the head's attention
-      l1_weight=1.0, giou_weight=1.0,
-      cell_weight=1.0,  # CE of the head's attention against the target centre's cell
       init_size=0.1,  # side of a new head's boxes, a fraction of the view
       layer_norm_eps=1e-6, initializer_range=0.02,
       dtype="bfloat16", param_dtype="float32"))
@@ -258,6 +253,13 @@ def base_config() -> ConfigDict:
   model.prompt = _prompt()
   model.pixel = _pixel()
   model.box = _box()
+
+  # Weights of the training loss terms (losses.py, trainer.compute_losses); the names are also
+  # the metrics the train step logs. Answer-token CE, mask BCE and Dice (LISA's weights), the box
+  # head's L1 and gIoU (DETR's losses) and the CE of its attention against the cell that holds
+  # the target box's centre; the box terms are 0 without the head.
+  config.loss = ConfigDict(dict(ce=1.0, mask_bce=2.0, mask_dice=0.5, box_l1=1.0, box_giou=1.0,
+                                box_cell=1.0))
 
   config.data = _data()
   config.train = _train()
