@@ -71,7 +71,8 @@ def bench_model(config) -> None:
   import jax
   import jax.numpy as jnp
 
-  from earthgptx_jax.models import fusion, prompts
+  from earthgptx_jax.models import integration as integration_lib
+  from earthgptx_jax.models import prompts
   cfg = config.model.prompt
   cfg.dtype = _DTYPE.value
   b, p, m, k = _BATCH.value, cfg.max_prompts, cfg.map_size, cfg.tokens_per_prompt
@@ -89,8 +90,8 @@ def bench_model(config) -> None:
       image_cells=jnp.asarray(np.sort(rng.random((b, n, 2, 2)), -2).reshape(b, n, 4),
                               jnp.float32),
       image_valid=jnp.ones((b, n), bool))
-  encoder, integration = prompts.VisualPromptEncoder(cfg), fusion.ContentIntegration(cfg,
-                                                                                      llm_width)
+  encoder = prompts.VisualPromptEncoder(cfg)
+  integration = integration_lib.ContentIntegration(cfg, llm_width)
 
   def init(key, x):
     k1, k2 = jax.random.split(key)

@@ -77,7 +77,6 @@ def torch_loss(config, batch, logits, mask_logits, boxes, cell_logits):
   dice = 1.0 - (num + DICE_EPS) / (den + DICE_EPS)
   count = valid.sum().clamp(min=1)
   bce, dice = (bce * valid).sum() / count, (dice * valid).sum() / count
-  w, wb = config.model.pixel, config.model.box
   box_valid = batch["box_valid"].bool()
   pred, target = boxes[box_valid], batch["box_targets"][box_valid].float()
   num_boxes = box_valid.sum().clamp(min=1)
@@ -88,8 +87,9 @@ def torch_loss(config, batch, logits, mask_logits, boxes, cell_logits):
     cells = torch_modules.centre_cells(target, *cell_logits.shape[-2:])
     cell = torch.nn.functional.cross_entropy(cell_logits[box_valid].flatten(1), cells,
                                              reduction="sum") / num_boxes
-  return (w.ce_weight * ce + w.bce_weight * bce + w.dice_weight * dice + wb.l1_weight * l1
-          + wb.giou_weight * giou + wb.cell_weight * cell)
+  w = config.loss
+  return (w.ce * ce + w.mask_bce * bce + w.mask_dice * dice + w.box_l1 * l1
+          + w.box_giou * giou + w.box_cell * cell)
 
 
 def run(data, batch: dict[str, np.ndarray], repeats: int = 5, warmup: int = 2,

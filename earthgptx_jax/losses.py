@@ -7,9 +7,9 @@ shapes changes no value. Each loss is safe when nothing is valid: the value is 0
 gradient is 0 (no NaN), because invalid items are removed with `jnp.where` before any division
 and every denominator is at least 1.
 
-Weights (`config.model.pixel.{ce,bce,dice}_weight`, LISA defaults 1.0 / 2.0 / 0.5, and
-`config.model.box.{l1,giou,cell}_weight`) are applied in `weighted_total`; the per-term functions
-return unweighted means so they can be logged as is.
+The per-term functions return unweighted means so they can be logged as is; `weighted_total`
+sums named terms with the weights of the same names (`config.loss`: ce, mask_bce, mask_dice,
+box_l1, box_giou, box_cell; LISA's 1.0 / 2.0 / 0.5 for the first three).
 """
 
 from __future__ import annotations
@@ -162,15 +162,18 @@ def box_cell_loss(cell_logits: jax.Array, targets: jax.Array, valid: jax.Array) 
   return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
 
 
-def weighted_total(terms: Mapping[str, jax.Array], *, ce_weight: float, bce_weight: float,
-                   dice_weight: float, l1_weight: float = 0.0, giou_weight: float = 0.0,
-                   cell_weight: float = 0.0) -> jax.Array:
-  """ce_weight * ce + bce_weight * bce + dice_weight * dice + l1_weight * l1
-  + giou_weight * giou + cell_weight * cell; absent terms count as 0."""
-  zero = jnp.zeros((), jnp.float32)
-  return (ce_weight * terms.get("ce", zero) + bce_weight * terms.get("bce", zero)
-          + dice_weight * terms.get("dice", zero) + l1_weight * terms.get("l1", zero)
-          + giou_weight * terms.get("giou", zero) + cell_weight * terms.get("cell", zero))
+def weighted_total(terms: Mapping[str, jax.Array], weights: Mapping[str, float]) -> jax.Array:
+  """Sum of weights[name] * terms[name] over the terms, in their order.
+
+  `terms` and `weights` must name the same losses: a term without a weight or a weight without
+  a term is a ValueError naming them, so a new term cannot be silently left out of the total
+  and a mistyped weight cannot silently weigh nothing (the names are also the metrics the train
+  step logs, one per weight).
+  """
+  if set(terms) != set(weights):
+    raise ValueError(f"loss weights: {sorted(weights)} must name exactly the loss terms "
+                     f"{sorted(terms)}")
+  return sum(weights[name] * term for name, term in terms.items())
 
 
 def per_task_mean(values: jax.Array, counts: jax.Array, task_id: jax.Array,

@@ -7,7 +7,7 @@ standard parts (transformers, timm).
                             config's fixed Gaussian stored as a buffer)
   * `RegionEncoder`      <- models/regions.py RegionEncoder (RoIAlign as torch `grid_sample`)
   * `BoxHead`            <- models/box_head.py BoxHead (model.box.head)
-  * `ContentIntegration` <- models/fusion.py ContentIntegration (+ Projector)
+  * `ContentIntegration` <- models/integration.py ContentIntegration (+ Projector)
   * `PixelDecoder`       <- models/pixel.py PixelDecoder (the [SEG] MLP, the optional dense-map
                             projection, HF SAM parts for the rest)
   * `splice_tokens`, `gather_seg_states` <- models/earthgptx.py / pixel.py, same static-shape math.
@@ -44,7 +44,7 @@ def masked_attention(q, k, v, key_valid=None):
 
 
 class Attention(nn.Module):
-  """fusion.Attention: queries x [B, T, D] over context [B, S, D'] -> [B, T, D]."""
+  """layers.Attention: queries x [B, T, D] over context [B, S, D'] -> [B, T, D]."""
 
   def __init__(self, width: int, context_width: int, num_heads: int):
     super().__init__()
@@ -64,7 +64,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """fusion.FeedForward / Projector: Linear -> exact GELU -> Linear."""
+  """layers.FeedForward / integration.Projector: Linear -> exact GELU -> Linear."""
 
   def __init__(self, width: int, hidden: int, out: int | None = None):
     super().__init__()
@@ -140,14 +140,14 @@ def image_token_cells(view_affine, image_size: int, grid: int):
 
 
 def cells_under_boxes(cells, boxes):
-  """fusion.cells_under_boxes: [B, N, 4], [B, P, 4] -> [B, P, N] bool."""
+  """integration.cells_under_boxes: [B, N, 4], [B, P, 4] -> [B, P, N] bool."""
   c, bx = cells[:, None], boxes[:, :, None]
   return ((c[..., 0] <= bx[..., 2]) & (bx[..., 0] <= c[..., 2])
           & (c[..., 1] <= bx[..., 3]) & (bx[..., 1] <= c[..., 3]))
 
 
 class ContentIntegration(nn.Module):
-  """fusion.ContentIntegration: (image [B, N, C_img], image_cells [B, N, 4], image_valid [B, N],
+  """integration.ContentIntegration: (image [B, N, C_img], image_cells [B, N, 4], image_valid [B, N],
   prompts [B, P, K, D], prompt_boxes [B, P, 4], prompt_valid [B, P], the prompt encoder's
   Fourier Gaussian)
   -> (image_llm [B, N, H], prompt_llm [B, P, K, H])."""

@@ -103,30 +103,31 @@ def batch_shardings(config, mesh, batch_size: int):
 
 
 def compute_losses(model, config, trainable, batch, num_tasks: int):
-  """Total loss and its parts: token CE (answer tokens), mask BCE and Dice, box L1, gIoU and
-  cell CE, CE per task."""
+  """(total loss, metrics): the named loss terms, whose names are config.loss's keys, "loss" =
+  their weighted sum, and counts (answer tokens, masks, boxes, CE per task).
+
+  A new term is one entry in `terms` plus its weight in config.loss.
+  """
   out = model.apply({"params": model_params(trainable, config)}, batch)
-  pixel_cfg = config.model.pixel
   ce_sum, ce_count = losses.token_cross_entropy_per_example(out.logits, batch["targets"],
                                                             batch["loss_mask"])
-  ce = ce_sum.sum() / jnp.maximum(ce_count.sum(), 1.0)
   seg_valid = out.seg_valid & batch["seg_valid"]
   mask = losses.mask_losses(out.mask_logits, batch["seg_masks"], seg_valid)
   box_valid = out.box_valid & batch["box_valid"]
   box = losses.box_losses(out.boxes, batch["box_targets"], box_valid)
-  box["cell"] = losses.box_cell_loss(out.box_cell_logits, batch["box_targets"], box_valid)
-  box_cfg = config.model.box
-  total = losses.weighted_total({"ce": ce, **mask, **box}, ce_weight=pixel_cfg.ce_weight,
-                                bce_weight=pixel_cfg.bce_weight, dice_weight=pixel_cfg.dice_weight,
-                                l1_weight=box_cfg.l1_weight, giou_weight=box_cfg.giou_weight,
-                                cell_weight=box_cfg.cell_weight)
+  terms = {
+      "ce": ce_sum.sum() / jnp.maximum(ce_count.sum(), 1.0),
+      "mask_bce": mask["bce"],
+      "mask_dice": mask["dice"],
+      "box_l1": box["l1"],
+      "box_giou": box["giou"],
+      "box_cell": losses.box_cell_loss(out.box_cell_logits, batch["box_targets"], box_valid),
+  }
+  total = losses.weighted_total(terms, config.loss)
   task_ce_mean, task_count = losses.per_task_mean(ce_sum, ce_count, batch["task_id"], num_tasks)
-  task_ce_sum = task_ce_mean * task_count
-  metrics = {"loss": total, "ce": ce, "mask_bce": mask["bce"], "mask_dice": mask["dice"],
-             "answer_tokens": ce_count.sum(), "task_ce_sum": task_ce_sum, "task_tokens": task_count,
-             "masks": jnp.sum(seg_valid), "box_l1": box["l1"], "box_giou": box["giou"],
-             "box_cell": box["cell"],
-             "boxes": box["num_boxes"]}
+  metrics = {"loss": total, **terms, "answer_tokens": ce_count.sum(),
+             "task_ce_sum": task_ce_mean * task_count, "task_tokens": task_count,
+             "masks": jnp.sum(seg_valid), "boxes": box["num_boxes"]}
   return total, metrics
 
 
@@ -155,7 +156,7 @@ def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
     (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
     scale = 1.0 / accum
     grads = jax.tree.map(lambda g: g * scale, grads)
-    for k in ("loss", "ce", "mask_bce", "mask_dice", "box_l1", "box_giou", "box_cell"):
+    for k in ("loss", *config.loss.keys()):  # means; the counts stay summed
       metrics[k] = metrics[k] * scale
     return grads, metrics
 

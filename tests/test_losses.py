@@ -110,7 +110,7 @@ def test_per_task_mean_and_weighted_total():
   np.testing.assert_allclose(np.asarray(mean), [6 / 4, 0, 10 / 3, 0], rtol=1e-6)
   np.testing.assert_allclose(np.asarray(count), [4, 0, 3, 0])
   terms = dict(ce=jnp.float32(1.0), bce=jnp.float32(0.5), dice=jnp.float32(0.2))
-  total = losses.weighted_total(terms, ce_weight=1.0, bce_weight=2.0, dice_weight=0.5)
+  total = losses.weighted_total(terms, dict(ce=1.0, bce=2.0, dice=0.5))
   assert float(total) == pytest.approx(1.0 + 1.0 + 0.1)
 
 
@@ -165,3 +165,11 @@ def test_box_cell_loss_is_cross_entropy_at_the_target_centres_cell():
   np.testing.assert_allclose(got, F.cross_entropy(flat, cells), rtol=1e-6)
   assert float(losses.box_cell_loss(jnp.asarray(logits), jnp.asarray(targets),
                                     jnp.zeros((2, 2), bool))) == 0.0
+
+
+def test_weighted_total_needs_a_weight_per_term_and_a_term_per_weight():
+  terms = dict(ce=jnp.float32(1.0), box_l1=jnp.float32(0.5))
+  with pytest.raises(ValueError, match="box_l1"):
+    losses.weighted_total(terms, dict(ce=1.0))
+  with pytest.raises(ValueError, match="mask_dice"):
+    losses.weighted_total(terms, dict(ce=1.0, box_l1=1.0, mask_dice=0.5))

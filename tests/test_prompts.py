@@ -17,7 +17,8 @@ from transformers.models.sam import modeling_sam
 from configs import fusion as fusion_config
 from data_pipelines import rasterize, views
 from earthgptx_jax import sharding
-from earthgptx_jax.models import earthgptx, fusion, prompts
+from earthgptx_jax.models import earthgptx, prompts
+from earthgptx_jax.models import integration as integration_lib
 
 LLM_WIDTH = 24
 IMAGE_WIDTH = 20  # C_img: the encoder takes it from its input
@@ -54,7 +55,7 @@ def batch(cfg):
 @pytest.fixture(scope="module")
 def models(cfg, batch):
   encoder = prompts.VisualPromptEncoder(cfg)
-  integration = fusion.ContentIntegration(cfg, LLM_WIDTH)
+  integration = integration_lib.ContentIntegration(cfg, LLM_WIDTH)
   k1, k2 = jax.random.split(jax.random.key(0))
   prompt_inputs = (batch["prompt_maps"], batch["prompt_geometry"], batch["prompt_type"],
                    batch["prompt_valid"])
@@ -96,7 +97,8 @@ def test_cells_under_boxes():
   boxes = jnp.asarray([[[0.1, 0.1, 0.1, 0.1],  # a point inside cell (0, 0)
                         [0.3, 0.6, 0.55, 0.7],  # a box over cells x 1..2, y 2
                         [0.5, 0.5, 0.5, 0.5]]])  # a point on the corner of four cells
-  under = np.asarray(fusion.cells_under_boxes(cells, boxes))[0].reshape(3, 4, 4)  # [P, y, x]
+  under = np.asarray(integration_lib.cells_under_boxes(cells, boxes))[0]
+  under = under.reshape(3, 4, 4)  # [P, y, x]
   expected = np.zeros((3, 4, 4), bool)
   expected[0, 0, 0] = True
   expected[1, 2, 1:3] = True
@@ -114,7 +116,8 @@ def test_prompt_tokens_read_only_the_image_under_their_prompt(models, batch):
       models["int_vars"])
   silenced = dict(models, int_vars=variables)
   embeds = _encode(models, batch)
-  under = np.asarray(fusion.cells_under_boxes(batch["image_cells"], batch["prompt_geometry"]))
+  under = np.asarray(integration_lib.cells_under_boxes(batch["image_cells"],
+                                                       batch["prompt_geometry"]))
   point_cells = under[0, 0]  # example 0, prompt 0 (the point)
   assert 0 < point_cells.sum() < point_cells.size
   _, prompt_llm = _integrate(silenced, batch, embeds)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from earthgptx_jax.models.fusion import dense, layer_norm
+from earthgptx_jax.models import layers
 
 
 def centre_cells(boxes: jax.Array, h: int, w: int) -> jax.Array:
@@ -71,14 +71,15 @@ class BoxHead(nn.Module):
       raise ValueError(f"box features: expected [{b}, h, w, C], got {features.shape}")
     _, h, w, c = features.shape
     dtype = jnp.dtype(cfg.dtype)
-    query = dense(cfg.dim, ("embed", "mlp"), cfg, name="query")(
-        layer_norm(cfg, "query_norm")(states.astype(dtype)))
-    cells = layer_norm(cfg, "feature_norm")(features.reshape(b, h * w, c).astype(dtype))
+    dense, layer_norm = layers.dense_from(cfg), layers.layer_norm_from(cfg)
+    query = dense(cfg.dim, ("embed", "mlp"), name="query")(
+        layer_norm(name="query_norm")(states.astype(dtype)))
+    cells = layer_norm(name="feature_norm")(features.reshape(b, h * w, c).astype(dtype))
     position = self.param("position", nn.with_logical_partitioning(
         nn.initializers.truncated_normal(cfg.initializer_range), (None, "mlp")),
         (h * w, cfg.dim), jnp.dtype(cfg.param_dtype))
-    keys = dense(cfg.dim, (None, "mlp"), cfg, name="key")(cells) + position.astype(dtype)
-    values = dense(cfg.dim, (None, "mlp"), cfg, name="value")(cells)
+    keys = dense(cfg.dim, (None, "mlp"), name="key")(cells) + position.astype(dtype)
+    values = dense(cfg.dim, (None, "mlp"), name="value")(cells)
     logits = jnp.einsum("bqd,bnd->bqn", query.astype(jnp.float32),
                         keys.astype(jnp.float32)) / jnp.sqrt(jnp.float32(cfg.dim))
     cell = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, Qb]
@@ -86,15 +87,10 @@ class BoxHead(nn.Module):
       cell = jnp.where(target_valid, centre_cells(targets, h, w), cell)
     picked = jnp.take_along_axis(values, cell[..., None], axis=1)  # [B, Qb, D]
     x = jnp.concatenate([picked, query], axis=-1)
-    x = nn.gelu(dense(cfg.dim, (None, "mlp"), cfg, name="fc1")(x), approximate=False)
+    x = nn.gelu(dense(cfg.dim, (None, "mlp"), name="fc1")(x), approximate=False)
     size_logit = math.log(cfg.init_size / (1 - cfg.init_size))
-    x = nn.Dense(
-        4, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype), name="fc2",
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.truncated_normal(cfg.initializer_range), ("mlp", None)),
-        bias_init=nn.with_logical_partitioning(
-            lambda key, shape, dtype: jnp.array([0.0, 0.0, size_logit, size_logit], dtype),
-            (None,)))(x).astype(jnp.float32)
+    x = dense(4, ("mlp", None), name="fc2", bias_init=lambda key, shape, dtype: jnp.array(
+        [0.0, 0.0, size_logit, size_logit], dtype))(x).astype(jnp.float32)
     corner = jnp.stack([cell % w, cell // w], axis=-1).astype(jnp.float32)  # (col, row)
     centre = (corner + jax.nn.sigmoid(x[..., :2])) / jnp.array([w, h], jnp.float32)
     half = jax.nn.sigmoid(x[..., 2:]) / 2

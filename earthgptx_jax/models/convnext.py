@@ -6,7 +6,8 @@ then four stages, each a (LayerNorm + 2x2 stride-2 conv) downsampling (stages 1.
 blocks of depthwise 7x7 conv -> LayerNorm -> Linear(4C) -> GELU(exact) -> Linear(C) -> layer
 scale -> residual. It returns every stage's feature map and the trunk's pooled, normalised
 feature (timm `head.norm`); classifier and CLIP projection heads are not part of the encoder.
-Numerically checked against timm / open_clip / HF ConvNext by tests/test_convnext.py; weights convert with `earthgptx_jax.convert.vision`.
+Numerically checked against timm / open_clip / HF ConvNext by tests/test_convnext.py; weights
+convert with `earthgptx_jax.convert.vision`.
 
 Config: `get_config(...).model.vision.convnext` (configs/fusion.py).
 """
@@ -19,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from earthgptx_jax.models import layers
 
 Array = jax.Array
 # timm initialises convs and linears with trunc_normal(std=.02), biases with zeros.
@@ -42,13 +45,6 @@ def total_stride(config: ml_collections.ConfigDict, stage: int) -> int:
   """Pixels per feature-map cell at `stage` (negative counts from the end)."""
   stage = range(len(config.dims))[stage]
   return config.patch_size * 2 ** stage
-
-
-def _layer_norm(epsilon, dtype, param_dtype, name):
-  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                      name=name)
 
 
 DEPTHWISE_IMPLS = ("auto", "xla", "shift")
@@ -136,16 +132,12 @@ class ConvNeXtBlock(nn.Module):
     k = cfg.kernel_size
     y = DepthwiseConv(dim, k, cfg.depthwise_impl, self.dtype, self.param_dtype,
                       name="conv_dw")(x)
-    y = _layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "norm")(y)
-    y = nn.Dense(int(cfg.mlp_ratio * dim), dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, ("conv_in", "mlp")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-                 name="fc1")(y)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = layers.layer_norm(cfg.layer_norm_eps, name="norm", **kw)(y)
+    y = layers.dense(int(cfg.mlp_ratio * dim), ("conv_in", "mlp"), kernel_init=_KERNEL_INIT,
+                     name="fc1", **kw)(y)
     y = nn.gelu(y, approximate=False)
-    y = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, ("mlp", "conv_in")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_in",)),
-                 name="fc2")(y)
+    y = layers.dense(dim, ("mlp", "conv_in"), kernel_init=_KERNEL_INIT, name="fc2", **kw)(y)
     if cfg.layer_scale_init is not None:
       gamma = self.param("gamma", nn.with_logical_partitioning(
           nn.initializers.constant(cfg.layer_scale_init), ("norm",)), (dim,), self.param_dtype)
@@ -181,25 +173,17 @@ class ConvNeXt(nn.Module):
     block_cls = nn.remat(ConvNeXtBlock) if cfg.remat else ConvNeXtBlock
     p = cfg.patch_size
     x = x.astype(dtype)
-    x = nn.Conv(cfg.dims[0], (p, p), strides=(p, p), padding="VALID", dtype=dtype,
-                param_dtype=param_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    _KERNEL_INIT, ("conv_height", "conv_width", "conv_in", "conv_out")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                name="stem_conv")(x)
-    x = _layer_norm(cfg.layer_norm_eps, dtype, param_dtype, "stem_norm")(x)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    x = layers.conv(cfg.dims[0], p, stride=p, kernel_init=_KERNEL_INIT, name="stem_conv", **kw)(x)
+    x = layers.layer_norm(cfg.layer_norm_eps, name="stem_norm", **kw)(x)
     features = []
     for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
       if i > 0:
-        x = _layer_norm(cfg.layer_norm_eps, dtype, param_dtype, f"stages_{i}_downsample_norm")(x)
-        x = nn.Conv(dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
-                    param_dtype=param_dtype,
-                    kernel_init=nn.with_logical_partitioning(
-                        _KERNEL_INIT, ("conv_height", "conv_width", "conv_in", "conv_out")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                    name=f"stages_{i}_downsample_conv")(x)
+        x = layers.layer_norm(cfg.layer_norm_eps, name=f"stages_{i}_downsample_norm", **kw)(x)
+        x = layers.conv(dim, 2, stride=2, kernel_init=_KERNEL_INIT,
+                        name=f"stages_{i}_downsample_conv", **kw)(x)
       for j in range(depth):
         x = block_cls(cfg, dim, dtype, param_dtype, name=f"stages_{i}_blocks_{j}")(x)
       features.append(nn.with_logical_constraint(x, _FEATURE_MAP))
-    pooled = _layer_norm(cfg.head_norm_eps, dtype, param_dtype, "head_norm")(x.mean(axis=(1, 2)))
+    pooled = layers.layer_norm(cfg.head_norm_eps, name="head_norm", **kw)(x.mean(axis=(1, 2)))
     return ConvNeXtOutput(stages=tuple(features), pooled=pooled)

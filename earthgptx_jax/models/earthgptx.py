@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from earthgptx_jax.models import box_head, fusion, llama, pixel, prompts, regions, vision
+from earthgptx_jax.models import box_head, integration, llama, pixel, prompts, regions, vision
 
 
 class EarthGPTXOutput(NamedTuple):
@@ -105,7 +105,7 @@ class EarthGPTX(nn.Module):
     regions.check_sources(cfg.prompt.region, len(cfg.vision.convnext.dims))
     if cfg.prompt.region.sources:
       self.region_encoder = regions.RegionEncoder(cfg.prompt, cfg.llm.hidden_size)
-    self.integration = fusion.ContentIntegration(cfg.prompt, cfg.llm.hidden_size)
+    self.integration = integration.ContentIntegration(cfg.prompt, cfg.llm.hidden_size)
     self.llm = llama.Llama(cfg.llm)
     self.pixel = pixel.PixelDecoder(cfg.pixel)
     if cfg.box.head:

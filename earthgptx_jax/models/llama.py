@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from earthgptx_jax.models import attention
+from earthgptx_jax.models import attention, layers
 
 Array = jax.Array
 
@@ -39,6 +39,12 @@ def _dtype(name: str):
 
 def _init(config: ml_collections.ConfigDict, names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
+
+
+def _dense_init(config: ml_collections.ConfigDict) -> dict:
+  """layers.dense's dtypes and kernel init for the LLM (HF's normal(initializer_range))."""
+  return dict(dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype),
+              kernel_init=nn.initializers.normal(config.initializer_range))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -227,14 +233,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=_dtype(cfg.dtype),
-                              param_dtype=_dtype(cfg.param_dtype))
-    gate = dense(cfg.intermediate_size, kernel_init=_init(cfg, ("embed", "mlp")),
-                 name="gate_proj")(x)
-    up = dense(cfg.intermediate_size, kernel_init=_init(cfg, ("embed", "mlp")), name="up_proj")(x)
+    dense = functools.partial(layers.dense, use_bias=False, **_dense_init(cfg))
+    gate = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj")(x)
+    up = dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj")(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length",
                                                         "activation_mlp"))
-    return dense(cfg.hidden_size, kernel_init=_init(cfg, ("mlp", "embed")), name="down_proj")(h)
+    return dense(cfg.hidden_size, ("mlp", "embed"), name="down_proj")(h)
 
 
 class DecoderLayer(nn.Module):
@@ -278,9 +282,8 @@ class Llama(nn.Module):
       self.layers = [block(cfg) for _ in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg)
     if not cfg.tie_word_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=_dtype(cfg.dtype),
-                              param_dtype=_dtype(cfg.param_dtype),
-                              kernel_init=_init(cfg, ("embed", "vocab")))
+      self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                                  **_dense_init(cfg))
     self.inv_freq = rope_inverse_frequencies(cfg)
 
   def embed(self, input_ids: Array) -> Array:

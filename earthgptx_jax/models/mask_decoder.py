@@ -22,6 +22,7 @@ import ml_collections
 from flax import linen as nn
 
 from earthgptx_jax.models.attention import dot_product_attention
+from earthgptx_jax.models.layers import conv, dense, layer_norm
 
 Dtype = Any
 
@@ -32,35 +33,6 @@ TORCH_DEFAULT_LAYER_NORM_EPS = 1e-5
 # HF pads a point prompt without a box with one "not a point" (label -1); -10 marks padding.
 NOT_A_POINT_LABEL = -1
 PADDING_POINT_LABEL = -10
-
-
-def dense(features: int, names: tuple[str | None, str | None], *, dtype: Dtype,
-          param_dtype: Dtype, use_bias: bool = True, name: str | None = None) -> nn.Dense:
-  """nn.Dense whose kernel [in, out] and bias [out] carry logical axis names."""
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]))
-
-
-def layer_norm(eps: float, *, dtype: Dtype, param_dtype: Dtype,
-               name: str | None = None) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
-
-
-def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, use_bias: bool = True,
-         dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.Conv:
-  """Square nn.Conv, NHWC, kernel [k, k, in, out] with logical names."""
-  return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride),
-      padding=((padding, padding), (padding, padding)), use_bias=use_bias, dtype=dtype,
-      param_dtype=param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(
-          nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:

@@ -9,7 +9,7 @@
 The spatial-aware encoder (SAE) is issue 3's ViT with one input channel and random init, as the
 paper's randomly initialised ViT. It sees each prompt map ALONE, not stacked on the image view:
   * the image is already encoded at full strength by the pretrained mixed encoders and reaches
-    the prompt tokens through the cross-attention of the integration block (fusion.py), while a
+    the prompt tokens through the cross-attention of the integration block (integration.py), while a
     randomly initialised SAE would have to learn image features from scratch;
   * the map alone is a shape / position signal, which a small random-init ViT learns quickly;
   * an image-conditioned SAE would encode the image once per prompt (P times the cost).
@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from earthgptx_jax.models import vit
-from earthgptx_jax.models.fusion import (Attention, FeedForward, dense, fourier_features,
-                                         fourier_gaussian, layer_norm)
+from earthgptx_jax.models import layers, vit
+# export_torch reads the prompt encoder's fixed frequencies as prompts.fourier_gaussian.
+from earthgptx_jax.models.layers import fourier_features, fourier_gaussian
 
 NUM_PROMPT_TYPES = 3  # batch.py's prompt_type: 0 point, 1 box, 2 free-form
 _TOKENS = ("activation_batch", "activation_length", "activation_embed")
@@ -73,6 +73,7 @@ class VisualPromptEncoder(nn.Module):
     b, p, m, _ = prompt_maps.shape
     width = cfg.sae.hidden_size
     dtype = jnp.dtype(cfg.dtype)
+    dense, layer_norm = layers.dense_from(cfg), layers.layer_norm_from(cfg)
     valid = prompt_valid.astype(bool)
     # Padding is zeroed first so that nothing in it (even NaN) reaches the outputs or gradients.
     maps = jnp.where(valid[..., None, None], prompt_maps, 0).astype(dtype)
@@ -84,7 +85,7 @@ class VisualPromptEncoder(nn.Module):
 
     corners = geometry.reshape(b * p, 2, 2)  # (x1, y1), (x2, y2)
     geo = fourier_features(corners, fourier_gaussian(cfg))  # [B*P, 2, 2F]
-    geo = dense(width, (None, "vit_embed"), cfg, name="geometry_proj")(geo.astype(dtype))
+    geo = dense(width, (None, "vit_embed"), name="geometry_proj")(geo.astype(dtype))
     corner_embed = self.param(
         "corner_embed",
         nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
@@ -103,10 +104,11 @@ class VisualPromptEncoder(nn.Module):
                                                    (None, "vit_embed")),
         (NUM_PROMPT_TYPES, width), jnp.dtype(cfg.param_dtype))
     x = (queries[None] + type_embed[types][:, None]).astype(dtype)  # [B*P, K, Ds]
-    kv = layer_norm(cfg, "context_norm")(context)
-    x = x + Attention(cfg, cfg.pool_heads, name="pool")(
-        layer_norm(cfg, "query_norm")(x), kv, jnp.ones(kv.shape[:2], bool))
-    x = x + FeedForward(cfg, cfg.pool_mlp_dim, name="pool_ffn")(layer_norm(cfg, "pool_ffn_norm")(x))
-    x = dense(cfg.embed_dim, ("vit_embed", None), cfg, name="out")(layer_norm(cfg, "out_norm")(x))
+    kv = layer_norm(name="context_norm")(context)
+    x = x + layers.Attention(cfg, cfg.pool_heads, name="pool")(
+        layer_norm(name="query_norm")(x), kv, jnp.ones(kv.shape[:2], bool))
+    x = x + layers.FeedForward(cfg, cfg.pool_mlp_dim, name="pool_ffn")(
+        layer_norm(name="pool_ffn_norm")(x))
+    x = dense(cfg.embed_dim, ("vit_embed", None), name="out")(layer_norm(name="out_norm")(x))
     x = x.reshape(b, p, cfg.tokens_per_prompt, cfg.embed_dim)
     return jnp.where(valid[..., None, None], x, jnp.zeros((), x.dtype))

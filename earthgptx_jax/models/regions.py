@@ -3,7 +3,7 @@
     global-view maps (pixels, ConvNeXt stages) --RoIAlign in prompt_geometry, bins x bins-->
     concat over maps, flatten -> LayerNorm -> Dense -> GELU -> Dense -> [B, P, H_llm]
 
-The integration block (fusion.py) lets prompt tokens read the image tokens under their box, but
+The integration block (integration.py) lets prompt tokens read the image tokens under their box, but
 image tokens are coarse (token_grid x token_grid per view: at tiny's 64 px views a 16 px cell
 holds a 5-15 px object plus its background), and through them the tiny model does not learn
 what a marked object is (held-out referring accuracy stays at chance). Region-level MLLMs read
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from earthgptx_jax.models.fusion import dense, layer_norm
+from earthgptx_jax.models import layers
 
 _SOURCE = re.compile(r"^(pixels|convnext_(\d+))$")
 
@@ -118,11 +118,12 @@ class RegionEncoder(nn.Module):
                        f"{len(maps)} given")
     b, p = prompt_geometry.shape[:2]
     dtype = jnp.dtype(cfg.dtype)
+    dense, layer_norm = layers.dense_from(cfg), layers.layer_norm_from(cfg)
     valid = prompt_valid.astype(bool)
     boxes = jnp.where(valid[..., None], prompt_geometry, 0).astype(jnp.float32)
     sampled = [roi_align(m.astype(dtype), boxes, region.bins, region.min_size).reshape(b, p, -1)
                for m in maps]
-    x = layer_norm(cfg, "norm")(jnp.concatenate(sampled, axis=-1))
-    x = nn.gelu(dense(region.mlp_dim, (None, "mlp"), cfg, name="fc1")(x), approximate=False)
-    x = dense(self.llm_width, ("mlp", "embed"), cfg, name="fc2")(x)
+    x = layer_norm(name="norm")(jnp.concatenate(sampled, axis=-1))
+    x = nn.gelu(dense(region.mlp_dim, (None, "mlp"), name="fc1")(x), approximate=False)
+    x = dense(self.llm_width, ("mlp", "embed"), name="fc2")(x)
     return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))

@@ -19,7 +19,8 @@ import ml_collections
 from flax import linen as nn
 
 from earthgptx_jax.models.attention import dot_product_attention
-from earthgptx_jax.models.mask_decoder import MLPBlock, conv, dense, layer_norm
+from earthgptx_jax.models.layers import conv, dense, layer_norm
+from earthgptx_jax.models.mask_decoder import MLPBlock
 
 Dtype = Any
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from earthgptx_jax.models import attention
+from earthgptx_jax.models import attention, layers
 
 Array = jax.Array
 _TOKENS = ("activation_batch", "activation_length", "activation_embed")
@@ -128,21 +128,6 @@ def interpolate_pos_embed(pos: Array, grid: tuple[int, int], antialias: bool) ->
   return jnp.concatenate([pos[:, :1], patch], axis=1)
 
 
-def _dense(features, names, cfg, dtype, param_dtype, name, use_bias=True):
-  init = nn.initializers.truncated_normal(cfg.initializer_range)
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=nn.with_logical_partitioning(init, names),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
-                  name=name)
-
-
-def _layer_norm(cfg, dtype, param_dtype, name):
-  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                      name=name)
-
-
 class ViTBlock(nn.Module):
   """x: [B, T, D] -> [B, T, D]: x + ls1 * attn(norm1(x)); x + ls2 * mlp(norm2(x))."""
   config: ml_collections.ConfigDict
@@ -155,22 +140,24 @@ class ViTBlock(nn.Module):
     cfg, dt, pdt = self.config, self.dtype, self.param_dtype
     d, heads = cfg.hidden_size, cfg.num_heads
     b, t, _ = x.shape
-    y = _layer_norm(cfg, dt, pdt, "norm1")(x)
-    qkv = [_dense(d, ("vit_embed", "vit_heads"), cfg, dt, pdt, n, cfg.qkv_bias)(y)
+    dense = functools.partial(
+        layers.dense, kernel_init=nn.initializers.truncated_normal(cfg.initializer_range),
+        dtype=dt, param_dtype=pdt)
+    y = layers.layer_norm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, name="norm1")(x)
+    qkv = [dense(d, ("vit_embed", "vit_heads"), use_bias=cfg.qkv_bias, name=n)(y)
            .reshape(b, t, heads, d // heads) for n in ("query", "key", "value")]
     y = attention.dot_product_attention(*qkv, implementation=self.attention_impl)
-    y = _dense(d, ("vit_heads", "vit_embed"), cfg, dt, pdt, "out")(y.reshape(b, t, d))
+    y = dense(d, ("vit_heads", "vit_embed"), name="out")(y.reshape(b, t, d))
     x = x + y * self._layer_scale("layer_scale1")
-    y = _layer_norm(cfg, dt, pdt, "norm2")(x)
+    y = layers.layer_norm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, name="norm2")(x)
     hidden = mlp_hidden_size(cfg)
     if cfg.use_swiglu_ffn:
-      gate, up = jnp.split(_dense(2 * hidden, ("vit_embed", "vit_mlp"), cfg, dt, pdt,
-                                  "weights_in")(y), 2, axis=-1)
-      y = _dense(d, ("vit_mlp", "vit_embed"), cfg, dt, pdt, "weights_out")(nn.silu(gate) * up)
+      gate, up = jnp.split(dense(2 * hidden, ("vit_embed", "vit_mlp"), name="weights_in")(y), 2,
+                           axis=-1)
+      y = dense(d, ("vit_mlp", "vit_embed"), name="weights_out")(nn.silu(gate) * up)
     else:
-      y = nn.gelu(_dense(hidden, ("vit_embed", "vit_mlp"), cfg, dt, pdt, "fc1")(y),
-                  approximate=False)
-      y = _dense(d, ("vit_mlp", "vit_embed"), cfg, dt, pdt, "fc2")(y)
+      y = nn.gelu(dense(hidden, ("vit_embed", "vit_mlp"), name="fc1")(y), approximate=False)
+      y = dense(d, ("vit_mlp", "vit_embed"), name="fc2")(y)
     x = x + y * self._layer_scale("layer_scale2")
     return nn.with_logical_constraint(x, _TOKENS)
 
@@ -212,11 +199,9 @@ class ViT(nn.Module):
     if feature_layer is not None and not -cfg.num_layers - 1 <= feature_layer <= cfg.num_layers:
       raise ValueError(f"feature_layer: {feature_layer} out of range for {cfg.num_layers} layers")
     init = nn.initializers.truncated_normal(cfg.initializer_range)
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=dt, param_dtype=pdt,
-                kernel_init=nn.with_logical_partitioning(
-                    init, ("conv_height", "conv_width", "conv_in", "vit_embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vit_embed",)),
-                name="patch_embed")(pixel_values.astype(dt))
+    x = layers.conv(d, p, stride=p, names=("conv_height", "conv_width", "conv_in", "vit_embed"),
+                    kernel_init=init, dtype=dt, param_dtype=pdt,
+                    name="patch_embed")(pixel_values.astype(dt))
     b = x.shape[0]
     x = x.reshape(b, grid[0] * grid[1], d)
     if cfg.use_mask_token:
@@ -250,7 +235,8 @@ class ViT(nn.Module):
           hidden_states[-1]))
     # Every parameter always exists (checkpoints load whole); under jit, XLA drops the blocks
     # after `feature_layer`.
-    x = _layer_norm(cfg, dt, pdt, "norm")(hidden_states[-1])
+    x = layers.layer_norm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt,
+                          name="norm")(hidden_states[-1])
     if feature_layer is not None:
       x = hidden_states[feature_layer]
     first_patch = 1 + cfg.num_register_tokens

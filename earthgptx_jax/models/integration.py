@@ -40,51 +40,14 @@ fusion_mlp_dim, layer_norm_eps, initializer_range, dtype, param_dtype, remat, at
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from earthgptx_jax.models import attention
+from earthgptx_jax.models import layers
 
-Dtype = Any
 _TOKENS = ("activation_batch", "activation_length", "activation_embed")
-
-
-def dense(features: int, names: tuple[str | None, str | None], config, *,
-          name: str | None = None) -> nn.Dense:
-  """A Dense whose kernel [in, out] carries logical `names` and bias names[-1]."""
-  return nn.Dense(
-      features, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
-      kernel_init=nn.with_logical_partitioning(
-          nn.initializers.truncated_normal(config.initializer_range), names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]), name=name)
-
-
-def layer_norm(config, name: str | None = None) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=config.layer_norm_eps, dtype=jnp.dtype(config.dtype),
-      param_dtype=jnp.dtype(config.param_dtype),
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), name=name)
-
-
-def fourier_gaussian(config: ml_collections.ConfigDict) -> jax.Array:
-  """[2, F] fixed Gaussian frequencies (SAM's `positional_encoding_gaussian_matrix`)."""
-  key = jax.random.key(config.fourier_seed)
-  return config.fourier_scale * jax.random.normal(key, (2, config.fourier_features), jnp.float32)
-
-
-def fourier_features(coords: jax.Array, gaussian: jax.Array) -> jax.Array:
-  """SAM's random-Fourier encoding: coords [..., 2] (x, y) in [0, 1] -> [..., 2F] float32.
-
-  sin / cos of 2 pi (2 coords - 1) @ gaussian, as `PositionEmbeddingRandom._pe_encoding`.
-  """
-  projected = 2 * math.pi * ((2 * coords.astype(jnp.float32) - 1) @ gaussian)
-  return jnp.concatenate([jnp.sin(projected), jnp.cos(projected)], axis=-1)
 
 
 def cells_under_boxes(cells: jax.Array, boxes: jax.Array) -> jax.Array:
@@ -97,48 +60,6 @@ def cells_under_boxes(cells: jax.Array, boxes: jax.Array) -> jax.Array:
           & (c[..., 1] <= bx[..., 3]) & (bx[..., 1] <= c[..., 3]))
 
 
-class Attention(nn.Module):
-  """Multi-head attention, queries x [B, T, D] over context [B, S, D'] -> [B, T, D].
-
-  `key_valid` bool masks keys, the same for every query ([B, S]) or per query ([B, T, S]); a
-  query whose keys are all masked gets a finite average (see attention.py) that callers zero
-  out.
-  """
-  config: ml_collections.ConfigDict
-  num_heads: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, key_valid: jax.Array) -> jax.Array:
-    width = x.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f"attention: width {width} is not a multiple of num_heads "
-                       f"{self.num_heads}")
-    heads = (self.num_heads, width // self.num_heads)
-
-    def project(y, name):  # [B, T, D'] -> [B, T, N, H]
-      y = dense(width, ("vit_embed", "vit_heads"), self.config, name=name)(y)
-      return y.reshape(y.shape[:2] + heads)
-
-    out = attention.dot_product_attention(
-        project(x, "query"), project(context, "key"), project(context, "value"),
-        mask=key_valid[:, None, None, :] if key_valid.ndim == 2 else key_valid[:, None],
-        implementation=self.config.attention_impl)
-    out = out.reshape(out.shape[:2] + (width,))
-    return dense(width, ("vit_heads", "vit_embed"), self.config, name="out")(out)
-
-
-class FeedForward(nn.Module):
-  """Dense -> GELU -> Dense at hidden width `hidden`; [..., D] -> [..., D]."""
-  config: ml_collections.ConfigDict
-  hidden: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = dense(self.hidden, ("vit_embed", "vit_mlp"), self.config, name="fc1")(x)
-    h = nn.gelu(h, approximate=False)
-    return dense(x.shape[-1], ("vit_mlp", "vit_embed"), self.config, name="fc2")(h)
-
-
 class Projector(nn.Module):
   """LLaVA-1.5's mlp2x_gelu: [..., D] -> Dense(H) -> GELU -> Dense(H) -> [..., H]."""
   config: ml_collections.ConfigDict
@@ -146,9 +67,10 @@ class Projector(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = dense(self.llm_width, ("vit_embed", "mlp"), self.config, name="fc1")(x)
+    dense = layers.dense_from(self.config)
+    h = dense(self.llm_width, ("vit_embed", "mlp"), name="fc1")(x)
     h = nn.gelu(h, approximate=False)
-    return dense(self.llm_width, ("mlp", "embed"), self.config, name="fc2")(h)
+    return dense(self.llm_width, ("mlp", "embed"), name="fc2")(h)
 
 
 class ContentIntegration(nn.Module):
@@ -184,42 +106,43 @@ class ContentIntegration(nn.Module):
       raise ValueError(f"image_cells: expected {(b, n, 4)}, got {image_cells.shape}")
     if prompt_boxes.shape != (b, p, 4):
       raise ValueError(f"prompt_boxes: expected {(b, p, 4)}, got {prompt_boxes.shape}")
-    attn = nn.remat(Attention) if cfg.remat else Attention
-    ffn = nn.remat(FeedForward) if cfg.remat else FeedForward
+    dense, layer_norm = layers.dense_from(cfg), layers.layer_norm_from(cfg)
+    attn = nn.remat(layers.Attention) if cfg.remat else layers.Attention
+    ffn = nn.remat(layers.FeedForward) if cfg.remat else layers.FeedForward
     image_valid = image_valid.astype(bool)
     token_valid = jnp.repeat(prompt_valid.astype(bool), k, axis=1)  # [B, P*K]
 
     # Padding is zeroed on entry so that nothing in it (even NaN) reaches a valid token.
     image_tokens = jnp.where(image_valid[..., None], image_tokens, 0)
-    img = dense(d, (None, "vit_embed"), cfg, name="image_in")(image_tokens)  # [B, N, D]
+    img = dense(d, (None, "vit_embed"), name="image_in")(image_tokens)  # [B, N, D]
     centres = jnp.where(image_valid[..., None], (image_cells[..., :2] + image_cells[..., 2:]) / 2,
                         0.5)
-    position = fourier_features(centres, fourier_gaussian(cfg))  # [B, N, 2F]
-    img = img + dense(d, (None, "vit_embed"), cfg, name="image_position")(
+    position = layers.fourier_features(centres, layers.fourier_gaussian(cfg))  # [B, N, 2F]
+    img = img + dense(d, (None, "vit_embed"), name="image_position")(
         position.astype(img.dtype))
     img = nn.with_logical_constraint(img, _TOKENS)
     prm = prompt_embeds.reshape(b, p * k, d).astype(img.dtype)  # [B, P*K, D]
     prm = jnp.where(token_valid[..., None], prm, jnp.zeros((), prm.dtype))
 
     # (1) image self-attention.
-    h = layer_norm(cfg, "image_norm")(img)
+    h = layer_norm(name="image_norm")(img)
     img = img + attn(cfg, cfg.fusion_heads, name="image_self_attn")(h, h, image_valid)
     # (2) prompt feed-forward.
-    prm = prm + ffn(cfg, cfg.fusion_mlp_dim, name="prompt_ffn")(layer_norm(cfg, "prompt_norm")(prm))
+    prm = prm + ffn(cfg, cfg.fusion_mlp_dim, name="prompt_ffn")(layer_norm(name="prompt_norm")(prm))
     # (3) cross-attention: prompt tokens query the image tokens under their prompt.
     under = jnp.repeat(cells_under_boxes(image_cells, prompt_boxes), k, axis=1)  # [B, P*K, N]
-    q = layer_norm(cfg, "cross_query_norm")(prm)
-    kv = layer_norm(cfg, "cross_context_norm")(img)
+    q = layer_norm(name="cross_query_norm")(prm)
+    kv = layer_norm(name="cross_context_norm")(img)
     prm = prm + attn(cfg, cfg.fusion_heads, name="cross_attn")(q, kv,
                                                                 under & image_valid[:, None])
     # (4) self-attention over the joint sequence.
     x = jnp.concatenate([img, prm], axis=1)  # [B, N + P*K, D]
     x = nn.with_logical_constraint(x, _TOKENS)
     valid = jnp.concatenate([image_valid, token_valid], axis=1)
-    h = layer_norm(cfg, "joint_norm")(x)
+    h = layer_norm(name="joint_norm")(x)
     x = x + attn(cfg, cfg.fusion_heads, name="joint_self_attn")(h, h, valid)
 
-    x = Projector(cfg, self.llm_width, name="projector")(layer_norm(cfg, "final_norm")(x))
+    x = Projector(cfg, self.llm_width, name="projector")(layer_norm(name="final_norm")(x))
     x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))  # [B, N + P*K, H]
     x = nn.with_logical_constraint(x, _TOKENS)
     return x[:, :n], x[:, n:].reshape(b, p, k, self.llm_width)
