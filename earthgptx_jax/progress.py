@@ -21,7 +21,8 @@ class ProgressLogger:
     self.task_names = task_names
     self.flops_per_step = flops_per_step
     self.peak_flops = peak_flops
-    self.loss_terms = tuple(config.loss.keys())  # the train step's metric of each loss term
+    # The train step logs each loss term under its config.loss name; the answer CE reads first.
+    self.loss_terms = tuple(sorted(config.loss.keys(), key=lambda name: (name != "ce", name)))
     self.writer = None
     if jax.process_index() == 0:
       self.writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
@@ -58,7 +59,7 @@ class ProgressLogger:
                  for i, name in enumerate(self.task_names) if self._task_tokens[i] > 0}
     eta = step_time * (self.total_steps - step)
     terms = " ".join(f"{k} {out[k]:.3f}" for k in self.loss_terms)
-    line = (f"step {step}/{self.total_steps} loss {out['loss']:.4f} ({terms}) | "
+    line = (f"step {step}/{self.total_steps} loss {out['loss']:.4f} ({terms}) | answer CE: "
             + " ".join(f"{k} {v:.3f}" for k, v in task_loss.items())
             + f" | {out['tokens_per_s']:.0f} tok/s {out['examples_per_s']:.1f} ex/s"
             + (f" MFU {100 * out['mfu']:.1f}%" if "mfu" in out else "")
