@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -70,7 +71,6 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, data_iter=None, config=None,
            metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-    import grain  # local: only training needs the data-iterator handler
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -79,7 +79,6 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
   def restore(self, step: int, abstract_state: Any, *, data_iter=None) -> Any:
-    import grain
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)

@@ -12,6 +12,7 @@ import os
 import re
 
 import ml_collections
+from absl import flags
 
 # The config fields that are paths (configs/fusion.py), as dotted names. Unset (None) ones and
 # fields a config lacks are skipped.
@@ -53,7 +54,6 @@ def resolve_config_paths(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 def resolve_flags(*names: str) -> None:
   """Resolves the named absl string flags in place (those that are set)."""
-  from absl import flags
   for name in names:
     value = flags.FLAGS[name].value
     if value:

@@ -30,6 +30,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from earthgptx_jax import tokenizer as tokenizer_lib
+from earthgptx_jax.convert import llama as convert_llama
+from earthgptx_jax.convert import sam as convert_sam
+from earthgptx_jax.convert import vision as convert_vision
+
 
 def _place_like(new: Mapping, old: Mapping, name: str):
   """Puts every loaded leaf on its predecessor's sharding and dtype; shapes must agree."""
@@ -42,8 +47,6 @@ def _place_like(new: Mapping, old: Mapping, name: str):
 
 
 def _load_llm(params, config, log):
-  from earthgptx_jax import tokenizer as tokenizer_lib
-  from earthgptx_jax.convert import llama as convert_llama
   path = config.model.llm.pretrained_path
   cfg, loaded = convert_llama.load_hf_llama(path, config.model.llm)
   for field in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -59,7 +62,6 @@ def _load_llm(params, config, log):
 
 
 def _load_vision(params, config, log):
-  from earthgptx_jax.convert import vision as convert_vision
   loaded = convert_vision.load_pretrained(config.model.vision, params["vision"])
   for name in ("convnext", "dino"):
     path = config.model.vision[name].get("pretrained_path", None)
@@ -89,7 +91,6 @@ def resolve_config(config: ml_collections.ConfigDict,
                    log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
   """Fills, in place, what the pretrained folders named in `config` decide; call it before
   building the model. Returns `config`."""
-  from earthgptx_jax.convert import sam as convert_sam
   for dotted in _KEEP_CONFIG:
     node = _node(config, dotted)
     path = node.get("pretrained_path", None)
@@ -111,7 +112,6 @@ def resolve_config(config: ml_collections.ConfigDict,
 
 
 def _load_sam(params, config, log):
-  from earthgptx_jax.convert import sam as convert_sam
   path = config.model.pixel.pretrained_path
   hf = json.loads(convert_sam.read_hf_config(path))
   for field, value in convert_sam.pixel_sizes_from_hf(hf, config.model.pixel).items():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -98,7 +99,6 @@ class WorkdirLock:
     return self
 
   def _acquire_file(self) -> None:
-    import fcntl
     path = os.fspath(self.path)
     for _ in range(10):  # retried only when the file is replaced under us
       fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -14,7 +14,9 @@ import os
 import pathlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,14 +177,12 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _load_file_any_dtype(file: pathlib.Path) -> dict[str, np.ndarray]:
   """safetensors.numpy cannot hold bfloat16; read through torch then view as ml_dtypes."""
-  from safetensors import safe_open
-  import ml_dtypes
   out = {}
   with safe_open(str(file), framework="pt") as f:
     for key in f.keys():
       t = f.get_tensor(key)
       if str(t.dtype) == "torch.bfloat16":
-        import torch
+        import torch  # lazy: torch / transformers load only when weights are converted
         out[key] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
       else:
         out[key] = t.numpy()
@@ -193,9 +193,8 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], folder: str | os.PathLik
                      max_shard_bytes: int | None = None, metadata: Mapping[str, str] | None = None
                      ) -> None:
   """Writes `model.safetensors` (or shards + index) that transformers' from_pretrained loads."""
-  import torch
-  from safetensors.torch import save_file
-  import ml_dtypes
+  import torch  # lazy: torch / transformers load only when weights are converted
+  from safetensors.torch import save_file  # lazy: torch / transformers load only when weights are converted
 
   def as_torch(x):
     x = np.ascontiguousarray(x)

@@ -119,7 +119,7 @@ def hf_to_llm_config(hf: Mapping, base: ml_collections.ConfigDict | None = None
 
 def llm_to_hf_config(llm_config: Mapping, dtype: str) -> dict:
   """`model.llm` -> the config.json transformers writes for the same LlamaForCausalLM."""
-  import transformers
+  import transformers  # lazy: torch / transformers load only when weights are converted
   c = llm_config
   rope = {"rope_type": "default", "rope_theta": float(c["rope_theta"])}
   if c["rope_scaling"] is not None:

@@ -134,7 +134,7 @@ def hf_sam_config(pixel: ml_collections.ConfigDict):
   The trap this handles: the vision config's `num_pos_feats` sizes the shared Fourier matrix,
   which must be half the *prompt/decoder* width, not anything about the ViT.
   """
-  from transformers import SamConfig
+  from transformers import SamConfig  # lazy: torch / transformers load only when weights are converted
   vit, dec = pixel.sam_vit, pixel.decoder
   return SamConfig(
       vision_config=dict(
@@ -199,7 +199,7 @@ def pixel_sizes_from_hf(hf: Mapping, pixel: ml_collections.ConfigDict) -> dict[s
   differ from its defaults). Raises ConversionError naming the field when the checkpoint is
   not a SamModel or uses something the modules do not implement.
   """
-  from transformers import SamConfig
+  from transformers import SamConfig  # lazy: torch / transformers load only when weights are converted
   if hf.get("model_type") != "sam":
     raise ConversionError(f"config.json: model_type={hf.get('model_type')!r}, expected 'sam'")
   try:

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
 from flax import linen as nn
 
@@ -132,7 +133,7 @@ def convnext_config_from_hf(hf: Mapping, base: ml_collections.ConfigDict
 
 def convnext_hf_config(config: Mapping) -> dict:
   """`model.vision.convnext` -> the config.json transformers writes for that ConvNextModel."""
-  import transformers
+  import transformers  # lazy: torch / transformers load only when weights are converted
   c = config
   if c["kernel_size"] != 7 or c["mlp_ratio"] != 4 or c["layer_norm_eps"] != 1e-6:
     raise ConversionError("convnext: HF ConvNext fixes kernel_size=7, mlp_ratio=4, eps=1e-6")
@@ -164,7 +165,7 @@ def _load_state(path: pathlib.Path) -> dict[str, np.ndarray]:
   if path.suffix == ".safetensors":
     return keymap.load_safetensors(path)
   if path.suffix in (".bin", ".pt", ".pth"):
-    import torch
+    import torch  # lazy: torch / transformers load only when weights are converted
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     return {k: _tensor_to_numpy(v) for k, v in state.items()}
@@ -288,7 +289,7 @@ def dinov2_hf_config(config: Mapping) -> dict:
 
 
 def _dinov2_hf_config(config: Mapping) -> dict:
-  import transformers
+  import transformers  # lazy: torch / transformers load only when weights are converted
   c = config
   kwargs = {theirs: c[ours] for ours, theirs in _DINO_FIELDS.items()}
   if float(c["mlp_ratio"]).is_integer():  # HF's config class validates an int
@@ -366,8 +367,7 @@ def _numpy(params: Mapping) -> dict:
 
 def _tensor_to_numpy(t) -> np.ndarray:
   """torch tensor -> numpy, bf16 kept as ml_dtypes.bfloat16 (numpy has no bf16)."""
-  import ml_dtypes
-  import torch
+  import torch  # lazy: torch / transformers load only when weights are converted
   if t.dtype == torch.bfloat16:
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy()
@@ -376,9 +376,8 @@ def _tensor_to_numpy(t) -> np.ndarray:
 def _save_file(state: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
   if path.suffix != ".safetensors":
     raise ValueError(f"path: expected a .safetensors file for this layout, got {path}")
-  import ml_dtypes
-  import torch
-  from safetensors.torch import save_file
+  import torch  # lazy: torch / transformers load only when weights are converted
+  from safetensors.torch import save_file  # lazy: torch / transformers load only when weights are converted
 
   def as_torch(x):
     x = np.ascontiguousarray(x)
