@@ -91,12 +91,12 @@ def pool_image_references(samples: Sequence[metrics.EvalSample], config, split: 
   order is shuffled, so a `max_examples` prefix (or a process's shard) holds only some of an
   image's records.
   """
-  from data_pipelines import loader, schema
+  from data_pipelines import pipeline, schema
   wanted = {s.group for s in samples if s.group}
   if not wanted:
     return list(samples)
   references: dict[str, list[str]] = {}
-  for source in loader.eval_sources(config, split or config.data.eval_split).values():
+  for source in pipeline.eval_sources(config, split or config.data.eval_split).values():
     for index in range(len(source)):
       features = source[index]
       group = image_group(schema.feature_text(features["task"]),
@@ -252,7 +252,7 @@ def _define_flags() -> None:
 
 def run(argv) -> int:
   del argv
-  from data_pipelines import loader
+  from data_pipelines import pipeline
   from earthgptx_jax import infer
   paths.resolve_flags("workdir", "out", "data_dir")
   if not _WORKDIR.value:
@@ -262,7 +262,7 @@ def run(argv) -> int:
     raise ValueError(f"--out: folder of {_OUT.value!r} does not exist")
   predictor = infer.Predictor.from_workdir(_WORKDIR.value, _STEP.value)
   config = with_data(predictor.config, data_dir=_DATA_DIR.value, datasets=datasets)
-  data = loader.Data(config=config, tokenizer=predictor.tokenizer)
+  data = pipeline.Data(config=config, tokenizer=predictor.tokenizer)
   samples = generate_samples(predictor.generator.params, config, data,
                              max_examples=_MAX_EXAMPLES.value, split=_SPLIT.value)
   task_metrics = dict(metrics.DEFAULT_TASK_METRICS)

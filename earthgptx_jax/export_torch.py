@@ -279,7 +279,7 @@ def verification_batch(config: ml_collections.ConfigDict, batch_size: int = 2, s
   """A random batch honouring batch.py: images, one padding tile in example 0, 1..P prompts of
   each type with their <vp_patch> tokens, text, a [SEG] (and a [BOX] with the box head on) in
   the answer, padding at the end."""
-  from data_pipelines import views as views_lib
+  from earthgptx_jax import geometry
   from earthgptx_jax import batch as batch_lib
   m = config.model
   ids = m.token_ids
@@ -296,7 +296,7 @@ def verification_batch(config: ml_collections.ConfigDict, batch_size: int = 2, s
   b["pixel_values"][:] = rng.uniform(0, 1, b["pixel_values"].shape)
   b["view_valid"][:] = True
   # A 100 x 160 image's real views: tiles map to their part of the global view.
-  b["view_affine"][:] = views_lib.view_affines(100, 160, s, views - 1)[0]
+  b["view_affine"][:] = geometry.view_affines(100, 160, s, views - 1)[0]
   for i in range(batch_size):
     if i == 0 and views > 1:
       b["view_valid"][i, -1] = False

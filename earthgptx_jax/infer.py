@@ -111,7 +111,7 @@ def answer_text(ids: Sequence[int], tokenizer, config: ml_collections.ConfigDict
   global_affine: [2, 3] the global view's affine (batch.py `view_affine[:, 0]`);
   image_hw: the original (height, width).
   """
-  from data_pipelines import views
+  from earthgptx_jax import geometry
   token_ids = config.model.token_ids
   seg_id, box_id = int(token_ids.seg), token_ids.get("box", None)
   box_id = -1 if box_id is None else int(box_id)  # configs from before the box head
@@ -124,7 +124,7 @@ def answer_text(ids: Sequence[int], tokenizer, config: ml_collections.ConfigDict
       continue
     pieces.append(tokenizer.decode(ids[start:i], skip_special_tokens=True))
     if q < len(boxes):
-      box = views.boxes_to_original(np.asarray(boxes[q]) * size, global_affine)
+      box = geometry.boxes_to_original(np.asarray(boxes[q]) * size, global_affine)
       box = np.clip(box, 0, [width, height, width, height])
       pieces.append(f" {template.format_box(box, width, height)} ")
     q += 1
@@ -158,7 +158,7 @@ def validate_request(record, *, image: str = "image", text: str = "text",
   """Checks a request with what needs no model, so that a bad one is refused before loading:
   the image decodes, the modality is known, every prompt is well formed and inside the image,
   each <vpK> names a prompt. These are the training path's own checks (schema.validate after
-  decoding, as loader.ExampleProcessor does); what depends on the model's config (slot counts,
+  decoding, as examples.ExampleProcessor does); what depends on the model's config (slot counts,
   length) is checked by `Predictor.prepare`.
 
   image, text, modality, prompts: how the error names each part (e.g. "--box '1,2,3,4'").
@@ -217,11 +217,11 @@ class Predictor:
   """A trained model ready to answer: `Predictor.from_workdir(dir)(image, modality, text)`."""
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any, tokenizer):
-    from data_pipelines import loader
+    from data_pipelines import examples
     self.config = config
     self.tokenizer = tokenizer
     self.generator = Generator(config, params)
-    self.processor = loader.ExampleProcessor(config, tokenizer)
+    self.processor = examples.ExampleProcessor(config, tokenizer)
 
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None) -> Predictor:

@@ -26,6 +26,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from earthgptx_jax import checkpointing, paths, perf, trainer, workdir_lock
+from earthgptx_jax import tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fusion.py:tiny",
                                           lock_config=False)
@@ -160,11 +161,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
-  from data_pipelines import loader  # local: keeps `--help` fast
+  from data_pipelines import pipeline, tokenizer_training  # local: keeps `--help` fast
   from earthgptx_jax import evaluate
 
-  data = loader.prepare(config)  # ensures data + tokenizer; fills vocab size and token ids
-  config = data.config
+  tokenizer = tokenizer_training.ensure_tokenizer(config)
+  config = tokenizer_lib.complete_config(config, tokenizer)  # vocab size and special token ids
+  data = pipeline.prepare(config, tokenizer)  # ensures the data; checks the model's slots
   from earthgptx_jax import pretrained as pretrained_lib  # before the model: e.g. SAM's sizes
   config = pretrained_lib.resolve_config(config, log=_log)
   mesh = trainer.sharding.make_mesh(config.mesh.shape)
