@@ -34,7 +34,7 @@ def load_tokenizer(folder: str | os.PathLike):
   A tokenizer without a pad token gets its unk token as pad (as LLaVA / LISA do for LLaMA),
   else `template.PAD` appended. Never reaches the network.
   """
-  import transformers
+  import transformers  # heavy (seconds): imported by the runs that load a tokenizer only
   folder = pathlib.Path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(f"tokenizer folder: {folder} does not exist")
@@ -103,8 +103,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, folder: str | os.Path
   byte symbols and merges up to `vocab_size` in total. Byte-level, so any text encodes (no
   unk) and decodes back exactly. `<s>` is prepended to every encoded sequence, as LLaMA does.
   """
+  # Heavy (seconds): imported by the runs that train a tokenizer only.
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-  import transformers
+  import transformers  # as above
 
   specials = [*BASE_SPECIAL_TOKENS, *template.SPECIAL_TOKENS]
   floor = len(specials) + len(pre_tokenizers.ByteLevel.alphabet())
@@ -137,7 +138,7 @@ def resize_embeddings(params: Mapping, new_vocab: int) -> dict:
   Accepts the Llama params tree (or `{"params": tree}`); returns the same structure with
   numpy leaves for the resized tensors. The caller sets `model.llm.vocab_size = new_vocab`.
   """
-  from flax import linen as nn
+  from flax import linen as nn  # keeps flax / jax out of the data pipeline's imports
   params = nn.meta.unbox(params)
   wrapped = "params" in params and "embed_tokens" not in params
   tree = dict(params["params"] if wrapped else params)
