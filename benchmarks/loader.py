@@ -45,17 +45,17 @@ def examples_per_second(it, batches: int, batch_size: int, warmup: int = 2) -> f
 
 def main(argv):
   del argv
-  from data_pipelines import builders, loader
+  from data_pipelines import builders, pipeline, tokenizer_training
   from tests.data_fixtures import make_test_tokenizer
   config = bench_config()
   t0 = time.perf_counter()
   builders.ensure_synthetic(config.data.data_dir, config)
   print(f"synthetic data ready in {time.perf_counter() - t0:.1f} s")
-  tokenizer = make_test_tokenizer(list(loader.synthetic_texts(config)), vocab_size=2000)
+  tokenizer = make_test_tokenizer(list(tokenizer_training.synthetic_texts(config)), vocab_size=2000)
   print(f"cpu cores visible: {os.cpu_count()}")
   for workers in (int(w) for w in _WORKERS.value):
     config.data.num_workers = workers
-    it = loader.make_train_iterator(config, tokenizer)
+    it = pipeline.make_train_iterator(config, tokenizer)
     rate = examples_per_second(it, _BATCHES.value, config.train.batch_size)
     per_core = rate / max(workers, 1)
     print(f"workers={workers}: {rate:.1f} examples/s ({per_core:.1f} per worker process), "

@@ -35,9 +35,10 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def bench_rasterizer(config) -> None:
-  from data_pipelines import rasterize, views
+  from data_pipelines import rasterize
+  from earthgptx_jax import geometry
   side, view_size, map_size = 800, config.model.vision.image_size, config.model.prompt.map_size
-  affines, _, _ = views.view_affines(side, side, view_size, max_tiles=4)
+  affines, _, _ = geometry.view_affines(side, side, view_size, max_tiles=4)
   map_affine = rasterize.scale_affine(affines[0], map_size / view_size)
   rng = np.random.default_rng(0)
   angles = np.sort(rng.uniform(0, 2 * np.pi, 50))

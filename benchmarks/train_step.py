@@ -47,13 +47,15 @@ def prepared_data(preset: str, batch_size: int, data_dir: str, num_records: int 
   needs a few batches, not the preset's full set).
   """
   from configs import fusion
-  from data_pipelines import loader
+  from data_pipelines import pipeline, tokenizer_training
+  from earthgptx_jax import tokenizer as tokenizer_lib
   config = fusion.get_config(preset)
   config.train.batch_size = batch_size
   config.data.data_dir = data_dir
   config.data.synthetic.num_train = num_records
   config.data.synthetic.num_eval = 8
-  data = loader.prepare(config)
+  tokenizer = tokenizer_training.ensure_tokenizer(config)
+  data = pipeline.prepare(tokenizer_lib.complete_config(config, tokenizer), tokenizer)
   iterator = data.train_iterator()
   batch = next(iterator)
   iterator.close()

@@ -184,7 +184,7 @@ def _data() -> ConfigDict:
   data.sources = ConfigDict({
       f"synthetic_{m}": ConfigDict(dict(dataset=f"synthetic_rs/{m}", weight=1.0))
       for m in ("optical", "sar", "infrared")})
-  # Tasks of the alignment stage (train.alignment_steps; loader.StagedBatchIterator).
+  # Tasks of the alignment stage (train.alignment_steps; pipeline.StagedBatchIterator).
   data.alignment_tasks = ("scene_classification", "image_caption", "referring_segmentation")
   data.num_workers = 8  # grain mp_prefetch worker processes; 0: in-process
   data.worker_buffer_size = 2  # batches buffered per worker

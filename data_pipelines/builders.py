@@ -1,4 +1,4 @@
-"""TFDS builders writing schema records to ArrayRecord, and the registry the loader reads.
+"""TFDS builders writing schema records to ArrayRecord, and the registry the pipeline reads.
 
 Every dataset is a `tfds.core.GeneratorBasedBuilder` whose examples are `schema.to_features`
 of `schema.Record`s, written with `file_format="array_record"` (random access for grain,
@@ -11,7 +11,7 @@ no TensorFlow needed: images are stored as encoded bytes). Names are `dataset` o
 
 Beside the data, `record_stats.json` holds per-split statistics of the stored records (counts
 per task, the most answer boxes / visual prompts / [SEG] masks in one record); `build` and
-`ensure_synthetic` write it, and `loader.prepare` checks the model's static slots against it.
+`ensure_synthetic` write it, and `pipeline.prepare` checks the model's static slots against it.
 """
 
 from __future__ import annotations

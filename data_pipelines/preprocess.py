@@ -26,6 +26,7 @@ import struct
 
 import ml_collections
 import numpy as np
+import tifffile
 from PIL import Image
 
 from earthgptx_jax import template
@@ -73,8 +74,6 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def _decode_tiff(data: bytes) -> np.ndarray:
-  import tifffile
-
   try:
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
       series = tif.series[0]

@@ -1,7 +1,7 @@
 """The record schema: what one training example is, on disk and in memory.
 
 Every source (the procedural `synthetic_rs`, every real-format converter) produces `Record`s;
-the TFDS builders store them as flat ArrayRecord features (`FEATURE_SPEC`), and the loader
+the TFDS builders store them as flat ArrayRecord features (`FEATURE_SPEC`), and the pipeline
 turns them back into `Record`s and validates them before anything expensive happens. See
 `data_pipelines/README.md` for the full description and examples.
 
@@ -38,7 +38,9 @@ def _valid_point_count(kind: str, n: int) -> bool:
           "mask": n == 0}[kind]
 
 
-# Why a record is unusable. Each is a counter in the loader's bad-record statistics.
+# Why a record is unusable. Each is a counter in the pipeline's bad-record statistics
+# (bad_records.py). New reasons go at the end: a saved iterator state's shorter counts then
+# restore with zeros for them.
 BAD_REASONS: tuple[str, ...] = (
     "corrupt_image",          # image bytes do not decode, or decode to an unusable array
     "unknown_modality",
@@ -58,7 +60,7 @@ BAD_REASONS: tuple[str, ...] = (
 
 # The most answer boxes (`[x1,y1,x2,y2]` in a record's answers) a converter writes: denser
 # scenes get counts only, so answers stay within a few hundred tokens. Every preset's
-# `model.box.max_boxes` holds this many (tests/test_data_limits.py), and `loader.prepare`
+# `model.box.max_boxes` holds this many (tests/test_data_limits.py), and `pipeline.prepare`
 # checks each dataset's stored `record_stats.json` against the model's slots.
 MAX_ANSWER_BOXES = 10
 
@@ -175,7 +177,7 @@ def from_features(features: Mapping) -> Record:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation (cheap checks on the record itself; image decoding is the loader's job).
+# Validation (cheap checks on the record itself; image decoding is examples.py's job).
 
 
 def validate(record: Record, width: int, height: int) -> None:

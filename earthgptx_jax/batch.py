@@ -10,7 +10,7 @@ All arrays have static shapes set by the config (B = train.batch_size or the inf
   Qb = model.box.max_boxes           [BOX] tokens / target boxes per example (padded)
   L  = data.max_length               text tokens
 
-Geometry conventions (owned by `data_pipelines/views.py`):
+Geometry conventions (owned by `earthgptx_jax/geometry.py`):
   * The global view is the whole image resized so its longest side is S and padded bottom /
     right to S x S (SAM's convention), so a mask in the global-view frame maps back to the
     original image exactly as SAM post-processes (crop the unpadded part, resize).

@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from data_pipelines import builders, loader
+from data_pipelines import builders, pipeline
 from earthgptx_jax import evaluation, metrics, paths, predictor
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer/, "
@@ -53,7 +53,7 @@ def main(argv):
       raise ValueError(f"--out: folder of {_OUT.value!r} does not exist")
     config, tokenizer, params = predictor.load_workdir(_WORKDIR.value, _STEP.value)
     config = evaluation.with_data(config, data_dir=_DATA_DIR.value, datasets=datasets)
-    data = loader.Data(config=config, tokenizer=tokenizer)
+    data = pipeline.Data(config=config, tokenizer=tokenizer)
     samples = evaluation.Evaluator(config).samples(params, data, max_examples=_MAX_EXAMPLES.value,
                                                    split=_SPLIT.value)
     results = metrics.evaluate(samples, evaluation.task_metrics(_SEMANTIC.value))

@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from data_pipelines import loader, schema
+from data_pipelines import pipeline, schema
 from earthgptx_jax import generate, metrics, tasks, template
 
 # Tasks whose records of one image are one example (one record per reference caption).
@@ -63,7 +63,7 @@ def pool_image_references(samples: Sequence[metrics.EvalSample], config, split: 
   if not wanted:
     return list(samples)
   references: dict[str, list[str]] = {}
-  for source in loader.eval_sources(config, split or config.data.eval_split).values():
+  for source in pipeline.eval_sources(config, split or config.data.eval_split).values():
     for index in range(len(source)):
       features = source[index]
       group = image_group(schema.feature_text(features["task"]),

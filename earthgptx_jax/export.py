@@ -31,9 +31,8 @@ import numpy as np
 import torch
 from flax import linen as nn
 
-from data_pipelines import views as views_lib
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import checkpointing, config_io, torch_model, trainer
+from earthgptx_jax import checkpointing, config_io, geometry, torch_model, trainer
 from earthgptx_jax.convert import keymap
 from earthgptx_jax.convert import llama as llama_convert
 from earthgptx_jax.convert import own as own_convert
@@ -220,7 +219,7 @@ def verification_batch(config: ml_collections.ConfigDict, batch_size: int = 2, s
   b["pixel_values"][:] = rng.uniform(0, 1, b["pixel_values"].shape)
   b["view_valid"][:] = True
   # A 100 x 160 image's real views: tiles map to their part of the global view.
-  b["view_affine"][:] = views_lib.view_affines(100, 160, s, views - 1)[0]
+  b["view_affine"][:] = geometry.view_affines(100, 160, s, views - 1)[0]
   for i in range(batch_size):
     if i == 0 and views > 1:
       b["view_valid"][i, -1] = False

@@ -21,8 +21,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from data_pipelines import views
-from earthgptx_jax import sharding, template
+from earthgptx_jax import geometry, sharding, template
 from earthgptx_jax.models import decoding, earthgptx, llama, pixel
 
 
@@ -144,7 +143,7 @@ def answer_text(ids: Sequence[int], tokenizer, config: ml_collections.ConfigDict
       continue
     pieces.append(tokenizer.decode(ids[start:i], skip_special_tokens=True))
     if q < len(boxes):
-      box = views.boxes_to_original(np.asarray(boxes[q]) * size, global_affine)
+      box = geometry.boxes_to_original(np.asarray(boxes[q]) * size, global_affine)
       box = np.clip(box, 0, [width, height, width, height])
       pieces.append(f" {template.format_box(box, width, height)} ")
     q += 1

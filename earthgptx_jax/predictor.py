@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from data_pipelines import loader, preprocess, schema
+from data_pipelines import examples, preprocess, schema
 from earthgptx_jax import batch as batch_lib
 from earthgptx_jax import checkpointing, config_io, generate, template
 from earthgptx_jax import tokenizer as tokenizer_lib
@@ -55,7 +55,7 @@ def validate_request(record: schema.Record, *, image: str = "image", text: str =
   """Checks a request with what needs no model, so that a bad one is refused before loading:
   the image decodes, the modality is known, every prompt is well formed and inside the image,
   each <vpK> names a prompt. These are the training path's own checks (schema.validate after
-  decoding, as loader.ExampleProcessor does); what depends on the model's config (slot counts,
+  decoding, as examples.ExampleProcessor does); what depends on the model's config (slot counts,
   length) is checked by `Predictor.prepare`.
 
   image, text, modality, prompts: how the error names each part (e.g. "--box '1,2,3,4'").
@@ -138,7 +138,7 @@ class Predictor:
     self.params = params
     self.tokenizer = tokenizer
     self.generator = generate.Generator(config)
-    self.processor = loader.ExampleProcessor(config, tokenizer)
+    self.processor = examples.ExampleProcessor(config, tokenizer)
 
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None) -> Predictor:

@@ -1,5 +1,6 @@
 """Tokenizers: load any local HF tokenizer folder with the project's special tokens, train a
-small one for the tiny preset and tests (no hub here), and grow embeddings to match.
+small one for the tiny preset and tests (no hub here), complete a config from one (vocabulary
+size, special-token ids), and grow embeddings to match.
 
 The special tokens and their order come from `template.SPECIAL_TOKENS` only; rows for added
 tokens are appended in that order, so token ids and resized embeddings are deterministic.
@@ -7,10 +8,12 @@ tokens are appended in that order, so token ids and resized embeddings are deter
 
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 from collections.abc import Iterable, Mapping
 
+import ml_collections
 import numpy as np
 
 from earthgptx_jax import template
@@ -18,6 +21,11 @@ from earthgptx_jax import template
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 # Ids 0..3 of a tokenizer built here (LLaMA's order, with <pad> at 3 instead of absent).
 BASE_SPECIAL_TOKENS = (UNK, BOS, EOS, template.PAD)
+# `template.SPECIAL_TOKENS` by the names of their ids in the config (model.token_ids), in order.
+TOKEN_NAMES = {"image_start": template.IMAGE_START, "image_end": template.IMAGE_END,
+               "image_patch": template.IMAGE_PATCH, "vp_start": template.VP_START,
+               "vp_end": template.VP_END, "vp_patch": template.VP_PATCH, "seg": template.SEG,
+               "box": template.BOX}
 
 
 def load_tokenizer(folder: str | os.PathLike):
@@ -26,7 +34,7 @@ def load_tokenizer(folder: str | os.PathLike):
   A tokenizer without a pad token gets its unk token as pad (as LLaVA / LISA do for LLaMA),
   else `template.PAD` appended. Never reaches the network.
   """
-  import transformers
+  import transformers  # heavy (seconds): imported by the runs that load a tokenizer only
   folder = pathlib.Path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(f"tokenizer folder: {folder} does not exist")
@@ -51,11 +59,41 @@ def load_tokenizer(folder: str | os.PathLike):
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:
-  """`template.SPECIAL_TOKENS` plus pad/bos/eos -> ids."""
-  ids = {t: tokenizer.convert_tokens_to_ids(t) for t in template.SPECIAL_TOKENS}
-  for name in ("pad", "bos", "eos"):
-    ids[name] = getattr(tokenizer, f"{name}_token_id")
+  """The ids the model's config holds as `model.token_ids`: bos, eos, pad (eos when the
+  tokenizer has none), then `TOKEN_NAMES` (template.SPECIAL_TOKENS by name).
+
+  Raises ValueError naming a special token the tokenizer lacks (load it with `load_tokenizer`).
+  """
+  ids = {}
+  for name in ("bos", "eos"):
+    value = getattr(tokenizer, f"{name}_token_id")
+    if value is None:
+      raise ValueError(f"tokenizer: has no {name} token")
+    ids[name] = int(value)
+  pad = tokenizer.pad_token_id
+  ids["pad"] = int(ids["eos"] if pad is None else pad)
+  unk = getattr(tokenizer, "unk_token_id", None)
+  for name, token in TOKEN_NAMES.items():
+    value = tokenizer.convert_tokens_to_ids(token)
+    if value is None or value == unk:
+      raise ValueError(f"tokenizer: special token {token!r} ({name}) is missing; load it "
+                       "with earthgptx_jax.tokenizer, which adds template.SPECIAL_TOKENS")
+    ids[name] = int(value)
   return ids
+
+
+def complete_config(config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
+  """A new config that fits `tokenizer`: model.llm.vocab_size grown to len(tokenizer) if it is
+  smaller, and model.token_ids set to `special_token_ids`. The trainer saves both with the
+  run, so inference reads them back without the tokenizer's help."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.llm.vocab_size = max(int(config.model.llm.vocab_size), len(tokenizer))
+    if "token_ids" not in config.model:
+      config.model.token_ids = ml_collections.ConfigDict()
+    for name, value in special_token_ids(tokenizer).items():
+      config.model.token_ids[name] = value
+  return config
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int, folder: str | os.PathLike):
@@ -65,8 +103,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, folder: str | os.Path
   byte symbols and merges up to `vocab_size` in total. Byte-level, so any text encodes (no
   unk) and decodes back exactly. `<s>` is prepended to every encoded sequence, as LLaMA does.
   """
+  # Heavy (seconds): imported by the runs that train a tokenizer only.
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-  import transformers
+  import transformers  # as above
 
   specials = [*BASE_SPECIAL_TOKENS, *template.SPECIAL_TOKENS]
   floor = len(specials) + len(pre_tokenizers.ByteLevel.alphabet())
@@ -99,7 +138,7 @@ def resize_embeddings(params: Mapping, new_vocab: int) -> dict:
   Accepts the Llama params tree (or `{"params": tree}`); returns the same structure with
   numpy leaves for the resized tensors. The caller sets `model.llm.vocab_size = new_vocab`.
   """
-  from flax import linen as nn
+  from flax import linen as nn  # keeps flax / jax out of the data pipeline's imports
   params = nn.meta.unbox(params)
   wrapped = "params" in params and "embed_tokens" not in params
   tree = dict(params["params"] if wrapped else params)

@@ -23,9 +23,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from data_pipelines import loader
+from data_pipelines import pipeline, tokenizer_training
 from earthgptx_jax import checkpointing, evaluation, perf, pretrained, trainer, workdir_lock
 from earthgptx_jax import progress as progress_lib
+from earthgptx_jax import tokenizer as tokenizer_lib
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -69,8 +70,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
-  data = loader.prepare(config)  # ensures data + tokenizer; fills vocab size and token ids
-  config = data.config
+  tokenizer = tokenizer_training.ensure_tokenizer(config)
+  config = tokenizer_lib.complete_config(config, tokenizer)  # vocab size and special token ids
+  data = pipeline.prepare(config, tokenizer)  # ensures the data; checks the model's slots
   config = pretrained.resolve_config(config, log=_log)  # before the model: e.g. SAM's sizes
   mesh = trainer.sharding.make_mesh(config.mesh.shape)
   model = trainer.build_model(config)

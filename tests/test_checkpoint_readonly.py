@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import loader
 from earthgptx_jax import batch as batch_lib
 from earthgptx_jax import checkpointing, export, tokenizer as tokenizer_lib, trainer
 from earthgptx_jax import predictor as predictor_lib
@@ -40,7 +39,7 @@ def run(tmp_path_factory):
                                 str(tok_dir))
   config = tiny_config()
   config.model.token_ids = type(config.model.token_ids)(
-      vars(loader.TokenIds.from_tokenizer(tokenizer_lib.load_tokenizer(str(tok_dir)))))
+      tokenizer_lib.special_token_ids(tokenizer_lib.load_tokenizer(str(tok_dir))))
   params = {3: _random_params(config, 3), 7: _random_params(config, 7)}
   wd = root / "run"
   export.save_workdir(config, {"params": params[3], "lora": {}}, wd, step=3,

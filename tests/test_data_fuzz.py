@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from configs import fusion
-from data_pipelines import loader, schema
+from data_pipelines import examples, schema
 from earthgptx_jax import batch as batch_lib
 from earthgptx_jax import template
 from tests.data_fixtures import make_test_tokenizer
@@ -24,7 +24,7 @@ _WORDS = ["ship", "plane", "What is", "Segment the", "[1,2,3,4]", "\n", " ", "é
 def processor():
   config = fusion.get_config("tiny")
   texts = [template.SYSTEM_PROMPT, "ship plane storage tank What is Segment the"] * 5
-  return loader.ExampleProcessor(config, make_test_tokenizer(texts, vocab_size=300)), config
+  return examples.ExampleProcessor(config, make_test_tokenizer(texts, vocab_size=300)), config
 
 
 def _png(array: np.ndarray, mode: str) -> bytes:

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from configs import fusion
-from data_pipelines import builders, loader, schema
+from data_pipelines import builders, examples, pipeline, schema, slots, tokenizer_training
+from earthgptx_jax import tokenizer as tokenizer_lib
 from tests.data_fixtures import make_test_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ def test_tiny_uses_every_real_record(built):
   sources = {name: _records(builders.get_builder(name, str(data_dir))) for name in REAL}
   texts = [t.decode() for splits in sources.values() for src in splits.values()
            for i in range(len(src)) for t in src[i]["turns"]]
-  processor = loader.ExampleProcessor(config, make_test_tokenizer(texts))
+  processor = examples.ExampleProcessor(config, make_test_tokenizer(texts))
   most_boxes = 0
   for name, splits in sources.items():
     for split, src in splits.items():
@@ -78,7 +79,13 @@ def test_tiny_uses_every_real_record(built):
       assert f"{name} {split}: {len(src)} records" in stdout[name]
   # The densest real answers fill every slot: tiny's max_boxes is what the converters need.
   assert most_boxes == schema.MAX_ANSWER_BOXES == config.model.box.max_boxes
-  loader.check_slots(_config_reading(data_dir, "hit_uav"))  # no error at the preset's slots
+  slots.check_slots(_config_reading(data_dir, "hit_uav"))  # no error at the preset's slots
+
+
+def _prepare(config):
+  """What training does before it reads data: the tokenizer, the config completed from it."""
+  tokenizer = tokenizer_training.ensure_tokenizer(config)
+  return pipeline.prepare(tokenizer_lib.complete_config(config, tokenizer), tokenizer)
 
 
 def _config_reading(data_dir, dataset, **model):
@@ -99,15 +106,15 @@ def test_too_few_slots_fail_at_start_up_with_the_value_that_fits(built, tmp_path
   make_test_tokenizer(["a ship"], vocab_size=300).save_pretrained(tokenizer)
   config = _config_reading(data_dir, "hit_uav", box__max_boxes=2)
   config.model.llm.tokenizer_path = str(tokenizer)  # nothing else to build
-  with pytest.raises(ValueError) as error:  # loader.SlotLimitError, before any training
-    loader.prepare(config)
+  with pytest.raises(ValueError) as error:  # slots.SlotLimitError, before any training
+    _prepare(config)
   assert str(error.value) == ("model.box.max_boxes=2 but dataset hit_uav/test has answers with "
                               "up to 10 boxes: set --config.model.box.max_boxes=10")
   # Every slot is checked, each with its own fix, in one line.
   config = _config_reading(data_dir, "hrsid", box__max_boxes=3, pixel__max_seg=0,
                            prompt__max_prompts=0)
-  with pytest.raises(loader.SlotLimitError) as error:
-    loader.check_slots(config)
+  with pytest.raises(slots.SlotLimitError) as error:
+    slots.check_slots(config)
   message = str(error.value)
   assert "\n" not in message
   assert "set --config.model.box.max_boxes=10" in message  # hrsid/test has a 10-ship chip
@@ -116,7 +123,7 @@ def test_too_few_slots_fail_at_start_up_with_the_value_that_fits(built, tmp_path
   assert "set --config.model.prompt.max_prompts=1" not in message  # hrsid has no prompts
   # With the box head off, boxes stay text: no box slots to fill.
   config = _config_reading(data_dir, "hit_uav", box__max_boxes=2, box__head=False)
-  loader.check_slots(config)
+  slots.check_slots(config)
 
 
 def test_tiny_trains_on_real_hit_uav_without_skipping_records(built, tmp_path):
@@ -134,9 +141,9 @@ def test_tiny_trains_on_real_hit_uav_without_skipping_records(built, tmp_path):
   # (its task filter would otherwise wait forever for a first record).
   with pytest.raises(ValueError, match=r"train.alignment_steps=200 but no source \(\['hit_uav'\]\)"
                      r" has test records of data.alignment_tasks .*alignment_steps=0"):
-    loader.prepare(config)
+    _prepare(config)
   config.train.alignment_steps = 0
-  data = loader.prepare(config)
+  data = _prepare(config)
   it = data.train_iterator()
   batches = config.data.bad_check_min_records // config.train.batch_size + 5
   for _ in range(batches):
@@ -156,14 +163,14 @@ def test_datasets_built_before_the_stats_warn_and_build_adds_them(built, tmp_pat
   os.remove(stats_file)
   mtime = os.path.getmtime(os.path.join(builder.data_dir, "dataset_info.json"))
   config = _config_reading(old, "hit_uav", box__max_boxes=2)
-  loader.check_slots(config)  # not checked ...
+  slots.check_slots(config)  # not checked ...
   assert f"has no {builders.STATS_FILE}" in caplog.text  # ... and said so, with the command
   assert "python -m data_pipelines.build --dataset hit_uav" in caplog.text
   builders.build("hit_uav", str(old), manual_dir="/nonexistent")  # complete: reads, no rebuild
   assert builders.read_stats(builder) == written
   assert os.path.getmtime(os.path.join(builder.data_dir, "dataset_info.json")) == mtime
-  with pytest.raises(loader.SlotLimitError, match="max_boxes=10"):
-    loader.check_slots(config)
+  with pytest.raises(slots.SlotLimitError, match="max_boxes=10"):
+    slots.check_slots(config)
 
 
 def test_every_bad_record_reason_is_documented():

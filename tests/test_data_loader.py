@@ -5,15 +5,18 @@ import collections
 import io
 
 import grain
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 from configs import fusion
-from data_pipelines import builders, loader, schema, synthetic, views
+from data_pipelines import (bad_records, builders, examples, pipeline, schema, sources, synthetic,
+                            tokenizer_training, views)
 from earthgptx_jax import batch as batch_lib
 from earthgptx_jax import template
+from earthgptx_jax import tokenizer as tokenizer_lib
 from tests.data_fixtures import make_test_tokenizer
 
 
@@ -31,7 +34,7 @@ def config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(config):
-  return make_test_tokenizer(list(loader.synthetic_texts(config)))
+  return make_test_tokenizer(list(tokenizer_training.synthetic_texts(config)))
 
 
 def _assert_same_record(a: schema.Record, b: schema.Record):
@@ -96,12 +99,12 @@ def test_render_conversation_template():
 
 @pytest.fixture(scope="module")
 def first_batches(config, tokenizer):
-  it = loader.make_train_iterator(config, tokenizer)
+  it = pipeline.make_train_iterator(config, tokenizer)
   return [next(it) for _ in range(3)]
 
 
 def test_batches_follow_the_contract(config, tokenizer, first_batches):
-  ids = loader.TokenIds.from_tokenizer(tokenizer)
+  ids = ml_collections.ConfigDict(tokenizer_lib.special_token_ids(tokenizer))
   views_n = 1 + config.model.vision.max_tiles
   per_view = config.model.vision.token_grid ** 2
   k = config.model.prompt.tokens_per_prompt
@@ -134,8 +137,8 @@ def test_batches_follow_the_contract(config, tokenizer, first_batches):
 
 
 def test_answer_and_seg_mask_match_the_stored_record(config, tokenizer):
-  source = loader._source(config, "synthetic_optical", "train")
-  processor = loader.ExampleProcessor(config, tokenizer)
+  source = sources.data_source(config, "synthetic_optical", "train")
+  processor = examples.ExampleProcessor(config, tokenizer)
   seen = 0
   for i in range(len(source)):
     record = schema.from_features(source[i])
@@ -159,12 +162,12 @@ def test_answer_and_seg_mask_match_the_stored_record(config, tokenizer):
 def test_answer_boxes_become_box_tokens_with_global_view_targets(config, tokenizer):
   """Box head on: each answer box is one [BOX] token and a target in the global view's [0, 1]
   frame (the text's bin centres through the global view's affine); off: the digits stay text."""
-  source = loader._source(config, "synthetic_optical", "train")
-  ids = loader.TokenIds.from_tokenizer(tokenizer)
-  with_head = loader.ExampleProcessor(config, tokenizer)
+  source = sources.data_source(config, "synthetic_optical", "train")
+  ids = ml_collections.ConfigDict(tokenizer_lib.special_token_ids(tokenizer))
+  with_head = examples.ExampleProcessor(config, tokenizer)
   text_only = config.copy_and_resolve_references()
   text_only.model.box.head = False
-  without_head = loader.ExampleProcessor(text_only, tokenizer)
+  without_head = examples.ExampleProcessor(text_only, tokenizer)
   size = config.model.vision.image_size
   seen = 0
   for i in range(len(source)):
@@ -199,20 +202,20 @@ def test_answer_boxes_become_box_tokens_with_global_view_targets(config, tokeniz
 def test_truncation_keeps_prompt_and_cuts_the_answer(config, tokenizer):
   short = config.copy_and_resolve_references()
   short.data.max_length = 120
-  processor = loader.ExampleProcessor(short, tokenizer)
+  processor = examples.ExampleProcessor(short, tokenizer)
   valid = np.ones(1 + config.model.vision.max_tiles, bool)
   long_answer = " ".join(["ship"] * 200)
   text, _, _ = processor.tokenize(["<image>\nq", long_answer, "next?", "more"], "optical", valid,
                                   (100, 100))
-  ids = loader.TokenIds.from_tokenizer(tokenizer)
+  ids = ml_collections.ConfigDict(tokenizer_lib.special_token_ids(tokenizer))
   assert (text["input_ids"] != ids.pad).all()  # filled to the limit
   assert np.sum(text["input_ids"] == ids.image_patch) == 3 * 16  # image tokens whole
   assert text["loss_mask"].sum() > 0 and ids.eos not in text["input_ids"]
   with pytest.raises(schema.BadRecordError, match="too_long"):
     tiny = short.copy_and_resolve_references()
     tiny.data.max_length = 40
-    loader.ExampleProcessor(tiny, tokenizer).tokenize(["<image>\nq", "a"], "optical", valid,
-                                                      (100, 100))
+    examples.ExampleProcessor(tiny, tokenizer).tokenize(["<image>\nq", "a"], "optical", valid,
+                                                        (100, 100))
 
 
 def test_mixing_proportions_within_2_percent(config):
@@ -220,12 +223,12 @@ def test_mixing_proportions_within_2_percent(config):
   for name, w in zip(sorted(mixed.data.sources), (0.5, 0.3, 0.2)):
     mixed.data.sources[name].weight = w
   sizes = {name: 90 for name in mixed.data.sources}
-  it = iter(loader.mixed_indices(mixed, sizes, 0, 1))
+  it = iter(pipeline.mixed_indices(mixed, sizes, 0, 1))
   counts = collections.Counter(next(it)[0] for _ in range(10_000))
   for name in mixed.data.sources:
     assert abs(counts[name] / 10_000 - mixed.data.sources[name].weight) < 0.02, counts
   # The real pipeline reads what the mixture names.
-  records = iter(loader.mixed_records(mixed, "train"))
+  records = iter(pipeline.mixed_records(mixed, "train"))
   for _ in range(20):
     features = next(records)
     assert features["source"].decode() in ("synthetic_rs_optical", "synthetic_rs_sar",
@@ -241,14 +244,14 @@ def _assert_continues_with(iterator, expected_batches):
 
 
 def test_resume_from_orbax_gives_identical_batches(config, tokenizer, tmp_path):
-  it = loader.make_train_iterator(config, tokenizer)
+  it = pipeline.make_train_iterator(config, tokenizer)
   for _ in range(2):
     next(it)
   with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as mngr:
     mngr.save(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
     expected = [next(it) for _ in range(3)]
-    fresh = loader.make_train_iterator(config, tokenizer)
+    fresh = pipeline.make_train_iterator(config, tokenizer)
     mngr.restore(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
   _assert_continues_with(fresh, expected)
 
@@ -257,7 +260,7 @@ def test_processes_get_disjoint_shards(config, tokenizer):
   ids = []
   for p in range(2):
     seen = []
-    for eval_batch in loader.make_eval_iterator(config, tokenizer, None, p, 2):
+    for eval_batch in pipeline.make_eval_iterator(config, tokenizer, None, p, 2):
       seen += [r.id for r, v in zip(eval_batch.records, eval_batch.valid) if v]
       assert not eval_batch.batch["attention_mask"][~eval_batch.valid].any()
     ids.append(set(seen))
@@ -266,7 +269,7 @@ def test_processes_get_disjoint_shards(config, tokenizer):
   # Train mixtures of the two processes never share a record either.
   train = [set() for _ in range(2)]
   for p in range(2):
-    records = iter(loader.mixed_records(config, "train", p, 2))
+    records = iter(pipeline.mixed_records(config, "train", p, 2))
     for _ in range(60):
       train[p].add(next(records)["id"])
   assert not train[0] & train[1]
@@ -303,23 +306,64 @@ def test_bad_records_are_counted_skipped_and_abort_above_the_fraction(config, to
   ds = grain.MapDataset.source(features).to_iter_dataset()
   cfg = config.copy_and_resolve_references()
   cfg.data.max_bad_fraction = 0.5
-  it = loader.make_batches(ds, cfg, tokenizer, 5).__iter__()
+  it = pipeline.make_batches(ds, cfg, tokenizer, 5).__iter__()
   batches = list(it)
   assert len(batches) == 6 and it.good_records == 30
   assert it.bad_records == {reason: 1 for reason in bad}
   assert it.get_state()["bad_records"] == [int(r in bad) for r in schema.BAD_REASONS]
   cfg.data.max_bad_fraction = 0.1
   cfg.data.bad_check_min_records = 20
-  strict = loader.make_batches(ds, cfg, tokenizer, 5).__iter__()
-  with pytest.raises(loader.BadRecordFractionError, match="data.max_bad_fraction"):
+  strict = pipeline.make_batches(ds, cfg, tokenizer, 5).__iter__()
+  with pytest.raises(bad_records.BadRecordFractionError, match="data.max_bad_fraction"):
     list(strict)
+
+
+def _with_counts(state, make):
+  """`state` with every per-reason counts vector (the accounting's totals "bad_records", the
+  skip step's "pending" counts) replaced by make(key, counts)."""
+  if isinstance(state, dict):
+    return {k: make(k, v) if k in ("bad_records", "pending") else _with_counts(v, make)
+            for k, v in state.items()}
+  if isinstance(state, (list, tuple)):
+    return type(state)(_with_counts(v, make) for v in state)
+  return state
+
+
+def test_a_state_saved_before_the_newest_bad_record_reason_restores(config, tokenizer):
+  """Checkpoints written before `empty_mask` (the 14th reason) hold 13 counts per vector:
+  they restore with zeros for the new reason and the stream continues exactly."""
+  it = pipeline.make_train_iterator(config, tokenizer)
+  next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(2)]
+  n = len(schema.BAD_REASONS) - 1
+  old = _with_counts(state, lambda key, counts: [3 if key == "bad_records" else 1] + [0] * (n - 1))
+  resumed = pipeline.make_train_iterator(config, tokenizer)
+  resumed.set_state(old)
+  _assert_continues_with(resumed, expected)
+  # The 3 already counted and the 1 pending (it rides on the next good example).
+  assert resumed.bad_records == {schema.BAD_REASONS[0]: 4}
+  assert resumed.get_state()["bad_records"] == [4] + [0] * n
+  newer = _with_counts(state, lambda key, counts: counts + [0])
+  with pytest.raises(ValueError, match="saved state has 15 reasons.*newer version"):
+    pipeline.make_train_iterator(config, tokenizer).set_state(newer)
+
+
+def test_prepare_takes_a_config_completed_from_its_tokenizer(config, tokenizer):
+  with pytest.raises(ValueError, match=r"model.token_ids.bos: None, but the tokenizer's is 1; "
+                     r"complete the config with earthgptx_jax.tokenizer.complete_config"):
+    pipeline.prepare(config, tokenizer)
+  small = tokenizer_lib.complete_config(config, tokenizer)
+  small.model.llm.vocab_size = len(tokenizer) - 1
+  with pytest.raises(ValueError, match=f"model.llm.vocab_size: {len(tokenizer) - 1} is smaller"):
+    pipeline.prepare(small, tokenizer)
 
 
 def test_alignment_stage_then_the_mixture_and_exact_resume_across_the_switch(config, tokenizer):
   staged = config.copy_and_resolve_references()
   staged.train.alignment_steps = 3
   staged.data.alignment_tasks = ("scene_classification",)
-  it = loader.make_train_iterator(staged, tokenizer)
+  it = pipeline.make_train_iterator(staged, tokenizer)
   done = [next(it) for _ in range(2)]
   state = it.get_state()
   rest = [next(it) for _ in range(4)]
@@ -327,12 +371,12 @@ def test_alignment_stage_then_the_mixture_and_exact_resume_across_the_switch(con
   assert all((b["task_id"] == scene).all() for b in done + rest[:1])
   assert any((b["task_id"] != scene).any() for b in rest[1:])
   assert it.good_records == 6 * staged.train.batch_size
-  resumed = loader.make_train_iterator(staged, tokenizer)
+  resumed = pipeline.make_train_iterator(staged, tokenizer)
   resumed.set_state(state)
   _assert_continues_with(resumed, rest)
   staged.data.alignment_tasks = ("scene_classification", "land_cover")
   with pytest.raises(ValueError, match="data.alignment_tasks.*land_cover"):
-    loader.make_train_iterator(staged, tokenizer)
+    pipeline.make_train_iterator(staged, tokenizer)
 
 
 @pytest.mark.slow
@@ -343,20 +387,22 @@ def test_worker_processes_resume_exactly(config, tokenizer):
   flags.FLAGS.mark_as_parsed()  # grain reads its absl flags in the workers
   multi = config.copy_and_resolve_references()
   multi.data.num_workers = 2
-  it = loader.make_train_iterator(multi, tokenizer)
+  it = pipeline.make_train_iterator(multi, tokenizer)
   got = [next(it) for _ in range(2)]
   state = it.get_state()
   want = [next(it) for _ in range(2)]
   it.close()
   assert {int(m) for b in got + want for m in b["modality_id"]} == {0, 1, 2}
-  resumed = loader.make_train_iterator(multi, tokenizer)
+  resumed = pipeline.make_train_iterator(multi, tokenizer)
   resumed.set_state(state)
   _assert_continues_with(resumed, want)
   resumed.close()
 
 
-def test_prepare_fills_token_ids_and_builds_the_project_tokenizer(config):
-  data = loader.prepare(config)
+def test_the_project_tokenizer_completes_the_config_that_prepare_takes(config):
+  project_tokenizer = tokenizer_training.ensure_tokenizer(config)
+  data = pipeline.prepare(tokenizer_lib.complete_config(config, project_tokenizer),
+                          project_tokenizer)
   ids = data.config.model.token_ids
   tok = data.tokenizer
   assert ids.image_patch == tok.convert_tokens_to_ids(template.IMAGE_PATCH)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import builders, loader, schema
+from data_pipelines import builders, pipeline, schema
 from data_pipelines.converters import captions
 from earthgptx_jax import batch as batch_lib
 from earthgptx_jax import checkpointing, evaluation, export, metrics, trainer
@@ -42,7 +42,7 @@ def workdir(tmp_path_factory):
   tokenizer = tokenizer_lib.load_tokenizer(str(tok_dir))
   config = tiny_config()
   config.model.token_ids = type(config.model.token_ids)(
-      vars(loader.TokenIds.from_tokenizer(tokenizer)))
+      tokenizer_lib.special_token_ids(tokenizer))
   config.data.data_dir = str(root / "data")
   config.data.synthetic.num_train = 6
   config.data.synthetic.num_eval = 3
@@ -71,7 +71,7 @@ def _error_lines(result):
 
 
 def test_eval_iterator_reads_the_given_split(workdir):
-  data = loader.Data(config=workdir.config, tokenizer=workdir.tokenizer)
+  data = pipeline.Data(config=workdir.config, tokenizer=workdir.tokenizer)
   ids = [r.id for b in data.eval_iterator(split="train", max_examples=5) for r in b.records
          if r is not None]
   assert len(ids) == 5 and all("-train-" in i for i in ids), ids
@@ -128,7 +128,7 @@ def test_pooled_references_are_every_caption_of_the_image(tmp_path, workdir, sha
   config = evaluation.with_data(workdir.config, data_dir=str(tmp_path),
                                 datasets=("rsicd",))
   assert [(s.dataset, s.weight) for s in config.data.sources.values()] == [("rsicd", 1.0)]
-  source = loader.eval_sources(config, "test")["rsicd"]
+  source = pipeline.eval_sources(config, "test")["rsicd"]
   records = [schema.from_features(source[i]) for i in range(40)]  # some images repeat
   samples = [metrics.EvalSample(r.task, r.modality, r.source, "a plane", (r.turns[-1],),
                                 group=evaluation.image_group(r.task, r.source, r.image))
@@ -151,7 +151,7 @@ def test_evaluating_new_params_traces_nothing_again(workdir):
   """Training evaluates new params every few hundred steps: the second evaluation of one config
   reuses the jitted prefill, decoding and heads (a Generator made afresh per evaluation traced
   and compiled them all again)."""
-  data = loader.Data(config=workdir.config, tokenizer=workdir.tokenizer)
+  data = pipeline.Data(config=workdir.config, tokenizer=workdir.tokenizer)
   _, params = checkpointing.load_params(workdir.path, workdir.config)
   first_params, later_params = (jax.tree.map(lambda x, s=s: x * s, params) for s in (1.0, 1.01))
   traces = []

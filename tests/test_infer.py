@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import loader, schema
+from data_pipelines import schema
 from earthgptx_jax import batch as batch_lib
 from earthgptx_jax import export, generate, overlay, template, trainer
 from earthgptx_jax import tokenizer as tokenizer_lib
@@ -35,7 +35,7 @@ def workdir(tmp_path_factory):
   tokenizer = tokenizer_lib.load_tokenizer(str(tok_dir))
   config = tiny_config()
   config.model.token_ids = type(config.model.token_ids)(
-      vars(loader.TokenIds.from_tokenizer(tokenizer)))
+      tokenizer_lib.special_token_ids(tokenizer))
   config.data.data_dir = str(root / "data")
   model = trainer.build_model(config)
   example = jax.tree.map(jnp.asarray, batch_lib.example_batch(config, 1))
@@ -131,11 +131,11 @@ def test_cli_writes_answer_and_overlay(tmp_path, workdir, shared_data):
 def test_box_tokens_are_written_as_the_heads_boxes_in_the_original_frame(predictor):
   """[BOX] -> the head's box (global view, [0, 1]) mapped back through the global view's affine
   and written in template.py's format; [SEG] leaves the text; the rest decodes as is."""
-  from data_pipelines import views
+  from earthgptx_jax import geometry
   config, tok = predictor.config, predictor.tokenizer
   ids, size = config.model.token_ids, config.model.vision.image_size
   height, width = 90, 150  # landscape: the global view pads the bottom
-  affine = views.view_affines(height, width, size, 0)[0][0]
+  affine = geometry.view_affines(height, width, size, 0)[0][0]
   box = (30.0, 12.0, 96.0, 60.0)
   in_view = np.array([[box[0], box[1], 1], [box[2], box[3], 1]]) @ affine.T / size
   generated = (tok.encode("the ship is at", add_special_tokens=False) + [ids.box, ids.seg]

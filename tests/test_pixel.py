@@ -113,7 +113,7 @@ def test_sam_encoder_path_shapes_and_input_errors():
 @pytest.mark.parametrize("original_hw", [(37, 53), (120, 90), (64, 64), (200, 30)])
 def test_postprocess_masks_matches_hf_post_process_masks(original_hw):
   from transformers import SamImageProcessor
-  from data_pipelines.views import global_view_shape
+  from earthgptx_jax.geometry import global_view_shape
 
   low_res = np.random.default_rng(0).normal(size=(1, 2, 16, 16)).astype(np.float32)
   processor = SamImageProcessor()
@@ -182,6 +182,7 @@ def test_real_sirst_masks_validate_box_and_survive_the_global_view(shared_data):
   """Real IR masks: pass validation, give their annotated box (VOC, +-1 px), and come back
   from the global-view frame through postprocess_masks with high IoU."""
   from data_pipelines import views
+  from earthgptx_jax import geometry
   samples = _sirst_samples(shared_data)
   assert samples, "no single-target SIRST sample found"
   for stem, image_hw, mask, xml_box in samples:
@@ -190,7 +191,7 @@ def test_real_sirst_masks_validate_box_and_survive_the_global_view(shared_data):
     assert bool(nonempty)
     assert np.abs(np.asarray(box) - xml_box).max() <= 1, (stem, np.asarray(box), xml_box)
     size = 256
-    affine = views.view_affines(*image_hw, size, 0)[0][0]
+    affine = geometry.view_affines(*image_hw, size, 0)[0][0]
     soft = views.warp_to_view(mask.astype(np.float32), affine, size, order=1)
     back = np.asarray(pixel.postprocess_masks(jnp.asarray(4 * soft - 2), image_hw, size,
                                               binarize=True))

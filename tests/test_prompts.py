@@ -15,8 +15,8 @@ from flax import linen as nn
 from transformers.models.sam import modeling_sam
 
 from configs import fusion as fusion_config
-from data_pipelines import rasterize, views
-from earthgptx_jax import sharding
+from data_pipelines import rasterize
+from earthgptx_jax import geometry, sharding
 from earthgptx_jax.models import earthgptx, prompts
 from earthgptx_jax.models import integration as integration_lib
 
@@ -34,7 +34,7 @@ def cfg():
 def batch(cfg):
   """Two examples: (point, box) and (scribble, padding), drawn on the global view."""
   height, width, view_size = 100, 200, 64
-  affines, _, _ = views.view_affines(height, width, view_size, max_tiles=2)
+  affines, _, _ = geometry.view_affines(height, width, view_size, max_tiles=2)
   examples = [[{"kind": "point", "coords": (50, 40)},
                {"kind": "box", "coords": (120, 10, 190, 70)}],
               [{"kind": "scribble", "coords": [(10, 10), (60, 80), (150, 30)], "width": 6}]]
@@ -73,7 +73,7 @@ def test_image_token_cells_map_every_view_cell_into_the_global_view():
   """Token (i, j) of view v covers its cell, mapped to the original by view v's inverse affine
   and into the global view by view 0's, over the view side (the prompt frame)."""
   height, width, size, grid = 90, 150, 64, 4
-  affines, valid, _ = views.view_affines(height, width, size, max_tiles=2)
+  affines, valid, _ = geometry.view_affines(height, width, size, max_tiles=2)
   assert valid.all()
   got = np.asarray(earthgptx.image_token_cells(jnp.asarray(affines[None]), size, grid))[0]
   edges = np.arange(grid + 1) * size / grid
@@ -81,8 +81,8 @@ def test_image_token_cells_map_every_view_cell_into_the_global_view():
     for corner, (ex, ey) in ((slice(0, 2), (edges[:-1], edges[:-1])),
                              (slice(2, 4), (edges[1:], edges[1:]))):
       xy = np.stack(np.meshgrid(ex, ey, indexing="xy"), -1).reshape(-1, 2)
-      original = views.apply_affine(xy, views.invert_affine(affines[v]))
-      want = views.apply_affine(original, affines[0]) / size
+      original = geometry.apply_affine(xy, geometry.invert_affine(affines[v]))
+      want = geometry.apply_affine(original, affines[0]) / size
       np.testing.assert_allclose(got[v * grid**2:(v + 1) * grid**2, corner], want, atol=1e-5)
   np.testing.assert_allclose(got[:grid], [[j / grid, 0, (j + 1) / grid, 1 / grid]
                                           for j in range(grid)], atol=1e-6)

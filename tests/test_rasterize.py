@@ -7,6 +7,7 @@ import pytest
 
 from data_pipelines import rasterize as R
 from data_pipelines import views
+from earthgptx_jax import geometry as geometry_lib
 
 # (scale, shift): dyadic / small-denominator scales whose affines are exact in float64, plus
 # the shifts of zoom tiles.
@@ -67,7 +68,7 @@ def test_box_matches_the_centre_rule_on_random_float_views():
 def test_box_in_the_views_of_a_real_sized_image():
   """Views from views.py (float32 affines): global view and each zoom tile."""
   height, width = 512, 640  # HIT-UAV frame size
-  affines, valid, _ = views.view_affines(height, width, image_size=64, max_tiles=4)
+  affines, valid, _ = geometry_lib.view_affines(height, width, image_size=64, max_tiles=4)
   box = (101.3, 57.7, 333.1, 290.2)
   for affine in affines[valid]:
     got = R.rasterize(R.Prompt("box", box), affine, 64)
@@ -168,7 +169,7 @@ def test_real_sirst_mask_in_global_view(shared_data):
   from PIL import Image
   mask = np.asarray(Image.open(shared_data / "SIRST/masks/Misc_103_pixels0.png").convert("L"))
   prompt = R.prepare_prompts([{"kind": "mask", "coords": (), "mask": mask}], mask.shape, 2)[0]
-  affines, _, _ = views.view_affines(*mask.shape, image_size=64, max_tiles=0)
+  affines, _, _ = geometry_lib.view_affines(*mask.shape, image_size=64, max_tiles=0)
   drawn = R.rasterize(prompt, affines[0], 64)
   geometry = R.prompt_geometry(prompt, affines[0], 64)
   rows, cols = np.nonzero(drawn)
@@ -215,7 +216,7 @@ def test_prompt_geometry():
 
 def test_prompt_fields_for_the_batch():
   height, width = 100, 200
-  affines, _, _ = views.view_affines(height, width, image_size=64, max_tiles=0)
+  affines, _, _ = geometry_lib.view_affines(height, width, image_size=64, max_tiles=0)
   prompts = [{"kind": "point", "coords": (50, 50)},
              {"kind": "box", "coords": (-20, 10, 80, 90)},
              {"kind": "scribble", "coords": [(10, 10), (60, 80)], "width": 5}]

@@ -34,7 +34,7 @@ def test_built_tokenizer_layout(built):
   assert len(tok) <= vocab
   assert [tok.convert_tokens_to_ids(t) for t in tk.BASE_SPECIAL_TOKENS] == [0, 1, 2, 3]
   ids = tk.special_token_ids(tok)
-  assert [ids[t] for t in template.SPECIAL_TOKENS] == list(range(4, 4 + len(template.SPECIAL_TOKENS)))
+  assert [ids[n] for n in tk.TOKEN_NAMES] == list(range(4, 4 + len(template.SPECIAL_TOKENS)))
   assert (ids["bos"], ids["eos"], ids["pad"]) == (1, 2, 3)
 
 
@@ -45,9 +45,8 @@ def test_special_tokens_are_atomic_and_text_round_trips(built):
   ids = tok(text).input_ids
   assert ids[0] == tok.bos_token_id
   sp = tk.special_token_ids(tok)
-  assert ids[1:6] == [sp[template.IMAGE_START]] + [sp[template.IMAGE_PATCH]] * 3 + [
-      sp[template.IMAGE_END]]
-  assert ids.count(sp[template.SEG]) == 1
+  assert ids[1:6] == [sp["image_start"]] + [sp["image_patch"]] * 3 + [sp["image_end"]]
+  assert ids.count(sp["seg"]) == 1
   # Byte-level: unseen characters encode without <unk> and decode exactly.
   odd = "Ünïcödé 合成孔径雷达 \t tabs\nnewline [0,0]"
   odd_ids = tok(odd, add_special_tokens=False).input_ids
@@ -75,6 +74,30 @@ def test_load_adds_missing_special_tokens_in_order(tmp_path):
   assert tok.pad_token == "<unk>"
   assert tok(f"hello {template.SEG} ship", add_special_tokens=False).input_ids == [
       1, ids[template.SPECIAL_TOKENS.index(template.SEG)], 3]
+
+
+def test_complete_config_sets_vocab_size_and_token_ids_in_a_new_config(built):
+  tok, _, vocab = built
+  config = fusion.get_config("tiny")
+  config.model.llm.vocab_size = len(tok) - 5  # a preset smaller than the tokenizer grows
+  done = tk.complete_config(config, tok)
+  assert done is not config and config.model.token_ids.seg is None
+  assert done.model.llm.vocab_size == len(tok)
+  for name, token in tk.TOKEN_NAMES.items():
+    assert done.model.token_ids[name] == tok.convert_tokens_to_ids(token)
+  assert (done.model.token_ids.bos, done.model.token_ids.eos, done.model.token_ids.pad) == (1, 2, 3)
+  config.model.llm.vocab_size = vocab + 100  # never shrunk
+  assert tk.complete_config(config, tok).model.llm.vocab_size == vocab + 100
+  assert tuple(tk.TOKEN_NAMES.values()) == template.SPECIAL_TOKENS
+
+
+def test_special_token_ids_name_a_missing_token(tmp_path):
+  words = ["<unk>", "<s>", "</s>", "ship"]
+  base = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  plain = transformers.PreTrainedTokenizerFast(tokenizer_object=base, unk_token="<unk>",
+                                               bos_token="<s>", eos_token="</s>")
+  with pytest.raises(ValueError, match=r"special token '<img>' \(image_start\) is missing"):
+    tk.special_token_ids(plain)
 
 
 def test_load_rejects_non_tokenizer_folders(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 
 from configs import fusion
 from data_pipelines import views as views_lib
+from earthgptx_jax import geometry
 
 
 def _box_image(height, width, box):
@@ -33,15 +34,15 @@ def test_box_lands_on_same_pixels_in_every_view(height, width, max_tiles):
   assert views.pixels.dtype == np.float32 and views.affine.dtype == np.float32
   assert views.pixels.min() >= 0.0 and views.pixels.max() <= 1.0
   for v in np.nonzero(views.valid)[0]:
-    expected = views_lib.boxes_to_view(np.array(box), views.affine[v])
+    expected = geometry.boxes_to_view(np.array(box), views.affine[v])
     expected = np.clip(expected, 0, size)
     if expected[2] - expected[0] < 2 or expected[3] - expected[1] < 2:
       continue  # box outside this tile
     seen = _bbox(views.pixels[v, ..., 0] > 0.5)
     np.testing.assert_allclose(seen, expected, atol=1.0)
     # ... and back to the original frame within a pixel (the part of the box inside the tile).
-    inside = views_lib.boxes_to_original(seen, views.affine[v])
-    tile = views_lib.boxes_to_original(np.array([0, 0, size, size]), views.affine[v])
+    inside = geometry.boxes_to_original(seen, views.affine[v])
+    tile = geometry.boxes_to_original(np.array([0, 0, size, size]), views.affine[v])
     clipped = np.concatenate([np.maximum(box[:2], tile[:2]), np.minimum(box[2:], tile[2:])])
     scale = np.abs(np.diag(views.affine[v][:, :2]))  # view px per original px
     np.testing.assert_array_less(np.abs(inside - clipped) * np.tile(scale, 2), 1.0 + 1e-6)
@@ -50,7 +51,7 @@ def test_box_lands_on_same_pixels_in_every_view(height, width, max_tiles):
 def test_global_view_is_sam_resize_and_pad():
   image = np.random.default_rng(0).uniform(size=[300, 500, 3]).astype(np.float32)
   views = views_lib.make_views(image, 100, 2)
-  new_h, new_w = views_lib.global_view_shape(300, 500, 100)
+  new_h, new_w = geometry.global_view_shape(300, 500, 100)
   assert (new_h, new_w) == (60, 100)
   assert np.all(views.pixels[0, new_h:] == 0)
   np.testing.assert_allclose(views.affine[0], [[0.2, 0, 0], [0, 0.2, 0]], rtol=1e-6)
@@ -60,7 +61,7 @@ def test_global_view_is_sam_resize_and_pad():
 
 def test_tiles_cover_the_image_exactly():
   height, width = 400, 800
-  _, valid, boxes = views_lib.view_affines(height, width, 32, 4)
+  _, valid, boxes = geometry.view_affines(height, width, 32, 4)
   assert valid.tolist() == [True, True, True, False, False]  # 1x2 grid for a 2:1 image
   assert boxes[1:] == [(0.0, 0.0, 400.0, 400.0), (400.0, 0.0, 800.0, 400.0)]
 
@@ -70,7 +71,7 @@ def test_padding_tiles_are_empty_and_carry_the_global_affine():
   assert views.valid.tolist() == [True, True, True, False, False]
   assert np.all(views.pixels[3:] == 0)
   np.testing.assert_array_equal(views.affine[3], views.affine[0])
-  views_lib.invert_affine(views.affine)  # batched, never singular
+  geometry.invert_affine(views.affine)  # batched, never singular
 
 
 @pytest.mark.parametrize("height,width,max_tiles,grid", [
@@ -79,7 +80,7 @@ def test_padding_tiles_are_empty_and_carry_the_global_affine():
     (1000, 1000, 1, (1, 1)), (1000, 1000, 0, (0, 0)), (500, 400, 6, (3, 2)), (520, 500, 6, (2, 2)),
     (600, 1000, 6, (2, 3))])
 def test_tile_grid_for_aspect_ratio(height, width, max_tiles, grid):
-  assert views_lib.select_grid(height, width, max_tiles) == grid
+  assert geometry.select_grid(height, width, max_tiles) == grid
 
 
 @pytest.mark.parametrize("preset", ["tiny", "paper"])
@@ -87,17 +88,17 @@ def test_view_count_is_static_per_config(preset):
   vision = fusion.get_config(preset).model.vision
   shapes = set()
   for hw in [(16, 16), (100, 3000), (3000, 100), (777, 555)]:
-    affines, valid, _ = views_lib.view_affines(*hw, vision.image_size, vision.max_tiles)
+    affines, valid, _ = geometry.view_affines(*hw, vision.image_size, vision.max_tiles)
     shapes.add((affines.shape, valid.shape))
   assert shapes == {((1 + vision.max_tiles, 2, 3), (1 + vision.max_tiles,))}
 
 
 def test_points_round_trip_through_every_affine():
-  affines, _, _ = views_lib.view_affines(333, 901, 64, 4)
+  affines, _, _ = geometry.view_affines(333, 901, 64, 4)
   points = np.random.default_rng(1).uniform([0, 0], [901, 333], size=[20, 2])
   for affine in affines:
-    back = views_lib.apply_affine(views_lib.apply_affine(points, affine),
-                                  views_lib.invert_affine(affine))
+    back = geometry.apply_affine(geometry.apply_affine(points, affine),
+                                 geometry.invert_affine(affine))
     np.testing.assert_allclose(back, points, atol=1e-3)
 
 
@@ -105,10 +106,10 @@ def test_mask_round_trip_through_global_and_tile_views():
   height, width, size = 210, 330, 64
   mask = np.zeros([height, width], np.float32)
   mask[50:140, 90:250] = 1.0
-  affines, valid, _ = views_lib.view_affines(height, width, size, 2)
+  affines, valid, _ = geometry.view_affines(height, width, size, 2)
   for affine in affines[valid]:
     in_view = views_lib.warp_to_view(mask, affine, size, order=0)
-    expected = np.clip(views_lib.boxes_to_view(np.array([90, 50, 250, 140]), affine), 0, size)
+    expected = np.clip(geometry.boxes_to_view(np.array([90, 50, 250, 140]), affine), 0, size)
     if np.any(in_view > 0):
       np.testing.assert_allclose(_bbox(in_view > 0.5), expected, atol=1.0)
   # Global view -> original (SAM post-processing): the box comes back within a pixel of
@@ -120,12 +121,12 @@ def test_mask_round_trip_through_global_and_tile_views():
 
 def test_bad_input_names_the_field():
   with pytest.raises(ValueError, match="image size"):
-    views_lib.select_grid(0, 10, 4)
+    geometry.select_grid(0, 10, 4)
   with pytest.raises(ValueError, match=r"image: expected shape \[H, W, 3\]"):
     views_lib.make_views(np.zeros([10, 10]), 16, 2)
   with pytest.raises(ValueError, match="dtype uint8"):
     views_lib.make_views(np.zeros([10, 10, 3], np.uint8), 16, 2)
   with pytest.raises(ValueError, match="max_tiles"):
-    views_lib.select_grid(10, 10, -1)
+    geometry.select_grid(10, 10, -1)
   with pytest.raises(ValueError, match="singular"):
-    views_lib.invert_affine(np.zeros([2, 3]))
+    geometry.invert_affine(np.zeros([2, 3]))

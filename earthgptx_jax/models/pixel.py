@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from data_pipelines.views import global_view_shape
+from earthgptx_jax.geometry import global_view_shape
 from earthgptx_jax.models.layers import dense, layer_norm
 from earthgptx_jax.models.mask_decoder import SamMaskDecoder, SamPromptEncoder
 from earthgptx_jax.models.sam_vit import SamVisionEncoder
