@@ -66,6 +66,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   lock = (workdir_lock.WorkdirLock(workdir, break_lock=break_lock, log=_log)
           if jax.process_index() == 0 else contextlib.nullcontext())
   with lock:
+    if jax.process_index() == 0:  # after the lock: a refused second trainer writes nothing
+      checkpointing.check_writable(workdir)
     return _train_and_evaluate(config, workdir)
 
 
@@ -118,6 +120,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
   last = {}
   batch = first
   while step < total_steps:
+    ckpt.check()  # a failed async save stops the run here, not at the next save
     state, metrics = train_step(state, batch)
     step += 1
     progress.update(metrics, examples=int(config.train.batch_size),
