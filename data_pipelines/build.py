@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 import configs
 from data_pipelines import builders
-from earthgptx_jax import paths
+from earthgptx_jax import cli, paths
 
 _DATASET = flags.DEFINE_string("dataset", None, f"one of {builders.DATASETS}", required=True)
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "the dataset's folder (real datasets)")
@@ -32,6 +32,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   paths.resolve_flags("manual_dir", "data_dir")
   config = paths.resolve_config_paths(_CONFIG.value)
   name = _DATASET.value

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 
 from data_pipelines import builders, pipeline
-from earthgptx_jax import evaluation, metrics, paths, predictor
+from earthgptx_jax import cli, evaluation, metrics, paths, predictor
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer/, "
                                "checkpoints/).")
@@ -44,6 +44,7 @@ def _parse_datasets(value: str) -> tuple[str, ...]:
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   try:
     paths.resolve_flags("workdir", "out", "data_dir")
     if not _WORKDIR.value:

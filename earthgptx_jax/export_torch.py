@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from earthgptx_jax import export, paths
+from earthgptx_jax import cli, export, paths
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (export: read; import: written)")
 _OUT = flags.DEFINE_string("out", None, "export: the folder to write (must not exist)")
@@ -49,6 +49,7 @@ def run() -> int:
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   sys.exit(run())
 
 

@@ -18,7 +18,7 @@ import tempfile
 from absl import app, flags
 
 from data_pipelines import schema
-from earthgptx_jax import generate, overlay, paths, template
+from earthgptx_jax import cli, generate, overlay, paths, template
 from earthgptx_jax.predictor import (InferenceError, Predictor, parse_prompt_flag, read_image,
                                      request_record, validate_request)
 
@@ -134,6 +134,7 @@ def _answer_one(kwargs) -> None:
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                 top_p=_TOP_P.value, seed=_SEED.value)
   try:
