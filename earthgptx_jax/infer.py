@@ -17,10 +17,10 @@ import tempfile
 
 from absl import app, flags
 
-from data_pipelines import schema
-from earthgptx_jax import cli, generate, overlay, paths, template
-from earthgptx_jax.predictor import (InferenceError, Predictor, parse_prompt_flag, read_image,
-                                     request_record, validate_request)
+from earthgptx_jax import cli, overlay, paths, template
+from earthgptx_jax.predictor import (InferenceError, Predictor, parse_prompt_flag,
+                                     prediction_json, read_image, request_record,
+                                     validate_request)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, tokenizer/, "
                                "checkpoints/).")
@@ -66,12 +66,6 @@ def _prompts_from(points, boxes, scribbles):
           + [parse_prompt_flag("scribble", v) for v in scribbles])
 
 
-def _prediction_json(p: generate.Prediction) -> dict:
-  return {"answer": p.answer, "boxes": [list(map(float, b)) for b in p.boxes],
-          "parse_error": p.parse_error, "mask_scores": p.mask_scores,
-          "mask_boxes": [list(schema.mask_to_box(m)) if m.any() else None for m in p.masks]}
-
-
 def _answer_requests(kwargs) -> None:
   """Batch mode: every request of --requests checked, then answered in one batch."""
   if not _RESULTS.value:
@@ -97,7 +91,7 @@ def _answer_requests(kwargs) -> None:
     requests.append(record)
   predictions = Predictor.from_workdir(_WORKDIR.value, _STEP.value).predict(requests, **kwargs)
   _write_atomic(pathlib.Path(_RESULTS.value), lambda tmp: pathlib.Path(tmp).write_text(
-      "".join(json.dumps(_prediction_json(p)) + "\n" for p in predictions)))
+      "".join(json.dumps(prediction_json(p)) + "\n" for p in predictions)))
   print(f"wrote {len(predictions)} results to {_RESULTS.value}")
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -27,15 +29,33 @@ class InferenceError(ValueError):
   """A request the model cannot answer (bad image, prompt, modality, path): one clear line."""
 
 
-def request_record(image_bytes: bytes, modality: str, text: str,
-                   prompts: Sequence[Any]) -> schema.Record:
+def request_record(image_bytes: bytes, modality: str, text: str, prompts: Sequence[Any],
+                   history: Sequence[tuple[str, str]] = ()) -> schema.Record:
   """A schema.Record for one request. The answer turn is a stand-in that is cut off before
   generation (generate.truncate_to_question), so requests go through exactly the training
-  example path: decoding, per-modality preprocessing, views, rasterisation, template."""
-  if template.IMAGE_PLACEHOLDER not in text:
-    text = f"{template.IMAGE_PLACEHOLDER}\n{text}"
+  example path: decoding, per-modality preprocessing, views, rasterisation, template.
+
+  history: the conversation's earlier (question, answer) turns, oldest first (multi-turn
+  chat); they become the record's first turns, as multi-turn training records hold them.
+  """
+  turns = [t for question, answer in history for t in (question, _history_answer(answer))]
+  turns += [text, "-"]
+  if template.IMAGE_PLACEHOLDER not in turns[0]:
+    turns[0] = f"{template.IMAGE_PLACEHOLDER}\n{turns[0]}"
   return schema.Record(id="request", image=image_bytes, modality=modality, source="request",
-                       task="vqa", turns=(text, "-"), prompts=tuple(prompts))
+                       task="vqa", turns=tuple(turns), prompts=tuple(prompts))
+
+
+def _history_answer(answer: str) -> str:
+  """An earlier answer as a record's ASSISTANT turn: its [SEG]s dropped (their masks are not
+  text, and a record's [SEG]s need target masks), malformed coordinates kept as plain text
+  (a training record with them is refused as bad_answer_box)."""
+  answer = " ".join(answer.replace(template.SEG, " ").split())
+  try:
+    template.parse_coordinates(answer, 1, 1)
+  except template.CoordinateParseError:
+    answer = answer.replace("[", "(").replace("]", ")")
+  return answer or "-"
 
 
 def read_image(path: str | os.PathLike) -> bytes:
@@ -130,6 +150,19 @@ def load_workdir(workdir: str | os.PathLike, step: int | None = None
   return config, tokenizer, params
 
 
+def prediction_json(p: generate.Prediction) -> dict:
+  """A prediction as JSON (infer's --results lines, the demo's answer download)."""
+  return {"answer": p.answer, "boxes": [list(map(float, b)) for b in p.boxes],
+          "parse_error": p.parse_error, "mask_scores": p.mask_scores,
+          "mask_boxes": [list(schema.mask_to_box(m)) if m.any() else None for m in p.masks]}
+
+
+def _answers(loss_mask: np.ndarray) -> int:
+  """How many answers an example kept: runs of its loss mask (questions separate them)."""
+  mask = np.asarray(loss_mask, bool)
+  return int((mask & ~np.concatenate([[False], mask[:-1]])).sum())
+
+
 class Predictor:
   """A trained model ready to answer: `Predictor.from_workdir(dir)(image, modality, text)`."""
 
@@ -151,25 +184,69 @@ class Predictor:
               ) -> tuple[dict[str, np.ndarray], Sequence[schema.Record]]:
     """Records -> (prompt-only batch, records); errors name the request and the field."""
     batch = batch_lib.example_batch(self.config, len(records))
+    records = list(records)
     for i, record in enumerate(records):
-      try:
-        example = self.processor.process(schema.to_features(record))
-      except schema.BadRecordError as e:
-        raise InferenceError(f"request {i}: {e}") from None
+      records[i], example = self._process(record, f"request {i}")
       for k, v in example.items():
         batch[k][i] = v
     prompt_batch, _ = generate.truncate_to_question(batch,
                                                     int(self.config.model.token_ids.pad))
     return prompt_batch, records
 
+  def _process(self, record: schema.Record, name: str) -> tuple[schema.Record, dict]:
+    """(record, example); a conversation too long (or with too many answer boxes) for the
+    model loses its oldest turns, never the question being asked."""
+    while True:
+      try:
+        example = self.processor.process(schema.to_features(record))
+        if len(record.turns) <= 2 or _answers(example["loss_mask"]) == len(record.turns) // 2:
+          return record, example
+      except schema.BadRecordError as e:
+        if len(record.turns) <= 2:
+          raise InferenceError(f"{name}: {e}") from None
+      first = record.turns[2]  # the image placeholder moves to the new first question
+      record = dataclasses.replace(record, turns=(
+          first if template.IMAGE_PLACEHOLDER in first else
+          f"{template.IMAGE_PLACEHOLDER}\n{first}", *record.turns[3:]))
+
   def predict(self, records: Sequence[schema.Record], *, max_new_tokens: int = 64,
-              temperature: float = 0.0, top_p: float = 1.0,
-              seed: int = 0) -> list[generate.Prediction]:
+              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+              on_token=None) -> list[generate.Prediction]:
+    """on_token(step, tokens [B]): called as each token is generated (see `stream`)."""
     batch, records = self.prepare(records)
     generated = self.generator(self.params, batch, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, seed=seed)
+                               temperature=temperature, top_p=top_p, seed=seed,
+                               on_token=on_token)
     return [generate.decode_row(generated, i, batch, self.tokenizer, self.config)
             for i in range(len(records))]
+
+  def stream(self, record: schema.Record, **kwargs) -> Iterator[str | generate.Prediction]:
+    """Answers one request as it is generated: yields the answer so far (text, growing token
+    by token), then its final `generate.Prediction` (boxes written, masks decoded) — the same
+    computation as `predict`, which runs in a worker thread while this yields."""
+    updates: queue.Queue = queue.Queue()
+
+    def run():
+      try:
+        updates.put(self.predict([record], on_token=lambda _, tokens: updates.put(
+            int(tokens[0])), **kwargs)[0])
+      except Exception as e:  # pylint: disable=broad-except  (re-raised in the caller)
+        updates.put(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    ids = self.config.model.token_ids
+    hidden = {int(ids.eos), int(ids.pad), int(ids.seg)}
+    answer: list[int] = []
+    while True:
+      item = updates.get()
+      if isinstance(item, Exception):
+        raise item
+      if isinstance(item, generate.Prediction):
+        yield item
+        return
+      if item not in hidden:
+        answer.append(item)
+        yield self.tokenizer.decode(answer, skip_special_tokens=True)
 
   def __call__(self, image: bytes | str | os.PathLike, modality: str, text: str,
                prompts: Sequence[Any] = (), **kwargs) -> generate.Prediction:

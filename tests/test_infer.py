@@ -69,6 +69,45 @@ def test_predictor_answers_about_a_real_image_with_prompts(predictor, shared_dat
   assert isinstance(sampled.answer, str)
 
 
+def test_stream_yields_the_answer_token_by_token_then_what_predict_returns(predictor,
+                                                                           shared_data):
+  image = (shared_data / SIRST_IMAGE).read_bytes()
+  record = predictor_lib.request_record(
+      image, "infrared", "What is inside <vp1>?", [predictor_lib.parse_prompt_flag(
+          "box", "10,10,60,50")])
+  *texts, final = predictor.stream(record, max_new_tokens=8)
+  expected = predictor.predict([record], max_new_tokens=8)[0]
+  assert isinstance(final, generate.Prediction) and final.answer == expected.answer
+  assert all(isinstance(t, str) for t in texts)
+  # One update per generated text token (EOS, padding and [SEG] are not text).
+  ids = predictor.config.model.token_ids
+  out = predictor.generator(predictor.params, predictor.prepare([record])[0], max_new_tokens=8)
+  shown = [t for t in out.tokens[0, :out.lengths[0]] if t not in (ids.eos, ids.pad, ids.seg)]
+  assert len(texts) == len(shown) >= 2
+  if template.BOX not in predictor.tokenizer.decode(shown):
+    assert " ".join(texts[-1].split()) == final.answer.replace(template.SEG, "").strip()
+
+
+def test_history_becomes_earlier_turns_and_an_overlong_one_loses_its_oldest(predictor,
+                                                                            shared_data):
+  image = (shared_data / SIRST_IMAGE).read_bytes()
+  history = [("Question 0 about <vp1>?", "answer 0 [SEG] [1,2,3]")]
+  prompts = [predictor_lib.parse_prompt_flag("point", "30,40")]
+  record = predictor_lib.request_record(image, "infrared", "And now?", prompts,
+                                        history=history[:1])
+  # The answer's [SEG] has no mask to give; a malformed coordinate stays text.
+  assert record.turns == (f"{template.IMAGE_PLACEHOLDER}\nQuestion 0 about <vp1>?",
+                          "answer 0 (1,2,3)", "And now?", "-")
+  # The tiny preset's 256 tokens, mostly image tokens, hold one short earlier turn.
+  long = predictor_lib.request_record(image, "infrared", "And now?", prompts,
+                                      history=[(f"Q{i} <vp1>?", f"a{i}") for i in range(40)])
+  _, (kept,) = predictor.prepare([long])
+  assert kept.turns[-2:] == ("And now?", "-") and 2 < len(kept.turns) < len(long.turns)
+  assert kept.turns[0].startswith(template.IMAGE_PLACEHOLDER)
+  earlier = len(kept.turns) // 2 - 1  # the most recent earlier turns are the ones kept
+  assert kept.turns[1:-1:2] == long.turns[1:-1:2][-earlier:]
+
+
 def preprocess_shape(image_bytes):
   from data_pipelines import preprocess
   return preprocess.decode_image(image_bytes).shape[:2]

@@ -5,6 +5,10 @@ serves every prompt of the same padded shape; the loop exits early once every ro
 EOS. Prompts may be padded on the left or the right (`attention_mask`), and may be given as
 `inputs_embeds` (the multimodal model prefills text with spliced image / prompt tokens).
 
+Streaming: `on_token(step, tokens)` is called on the host with each step's [B] tokens as the
+loop runs (an ordered `io_callback` inside the same jitted loop, so a streamed answer is the
+very computation a batch answer is); pass the same callable each time, or it recompiles.
+
 Hidden-state convention: `hidden_states[:, i]` is the last-layer hidden state (after the final
 RMSNorm) at the position whose logits chose `tokens[:, i]`, i.e. the state that *predicts*
 token i. This is what LISA feeds to the mask decoder for a [SEG] token (its `seg_token_mask`
@@ -15,11 +19,13 @@ with `targets[p] == SEG`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import io_callback
 
 from earthgptx_jax.models import llama
 
@@ -66,12 +72,16 @@ def _select(logits: Array, rng: Array, sample: bool, temperature: Array, top_p: 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id",
-                                             "sample", "return_hidden_states"))
+                                             "sample", "return_hidden_states", "on_token"))
 def _generate(model: _ById, params: Any, input_ids: Array | None, inputs_embeds: Array | None,
               attention_mask: Array, rng: Array, temperature: Array, top_p: Array, *,
               max_new_tokens: int, eos_id: int, pad_id: int, sample: bool,
-              return_hidden_states: bool) -> GenerateOutput:
+              return_hidden_states: bool, on_token: _ById | None) -> GenerateOutput:
   module = model.obj
+
+  def emit(i, token):
+    if on_token is not None:  # ordered: the host sees steps in order, each exactly once
+      io_callback(on_token.obj, None, i, token, ordered=True)
   cfg = module.config
   prompt = input_ids if input_ids is not None else inputs_embeds
   batch, prompt_len = prompt.shape[:2]
@@ -91,6 +101,7 @@ def _generate(model: _ById, params: Any, input_ids: Array | None, inputs_embeds:
     hidden = jnp.zeros((batch, max_new_tokens, cfg.hidden_size), out.hidden_states.dtype)
     hidden = hidden.at[:, 0].set(out.hidden_states[rows, last])
   done = first == eos_id
+  emit(jnp.int32(0), first)
 
   def cond(state):
     i, _, _, done, _, _ = state
@@ -103,6 +114,7 @@ def _generate(model: _ById, params: Any, input_ids: Array | None, inputs_embeds:
     token = _select(step.logits[:, 0], step_rng, sample, temperature, top_p)
     token = jnp.where(done, pad_id, token)
     tokens = tokens.at[:, i].set(token)
+    emit(i, token)
     if hidden is not None:
       h = jnp.where(done[:, None], 0, step.hidden_states[:, 0])
       hidden = hidden.at[:, i].set(h.astype(hidden.dtype))
@@ -118,7 +130,8 @@ def _generate(model: _ById, params: Any, input_ids: Array | None, inputs_embeds:
 def generate(model: llama.Llama, params: Any, *, input_ids: Array | None = None,
              inputs_embeds: Array | None = None, attention_mask: Array, max_new_tokens: int,
              eos_id: int, pad_id: int, rng: Array | None = None, temperature: float = 0.0,
-             top_p: float = 1.0, return_hidden_states: bool = False) -> GenerateOutput:
+             top_p: float = 1.0, return_hidden_states: bool = False,
+             on_token: Callable[[Any, Any], None] | None = None) -> GenerateOutput:
   """Generates `max_new_tokens` after a (padded) prompt; jitted once per shape and setting.
 
   Args:
@@ -133,6 +146,8 @@ def generate(model: llama.Llama, params: Any, *, input_ids: Array | None = None,
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
     top_p: nucleus mass kept when sampling (1.0 = all).
     return_hidden_states: also return [B, N, D] hidden states (see module docstring).
+    on_token: called on the host as `on_token(step, tokens)` (numpy scalar, [B] int32; pad_id
+      for rows already done) for every generated step, as it is generated (module docstring).
 
   Returns:
     GenerateOutput(tokens [B, N], lengths [B], hidden_states [B, N, D] or None).
@@ -157,4 +172,5 @@ def generate(model: llama.Llama, params: Any, *, input_ids: Array | None = None,
   return _generate(_ById(model), variables, input_ids, inputs_embeds, attention_mask, rng,
                    jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                    max_new_tokens=max_new_tokens, eos_id=int(eos_id), pad_id=int(pad_id),
-                   sample=temperature > 0, return_hidden_states=return_hidden_states)
+                   sample=temperature > 0, return_hidden_states=return_hidden_states,
+                   on_token=None if on_token is None else _ById(on_token))
