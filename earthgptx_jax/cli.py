@@ -1,6 +1,11 @@
 """What every entry point does first, in one place."""
 
+import os
+
+import jax
 from absl import flags, logging
+
+from earthgptx_jax import config_io, paths
 
 
 def quiet_library_logs() -> None:
@@ -8,3 +13,22 @@ def quiet_library_logs() -> None:
   warnings and up only, unless the user asked with --verbosity."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def use_compilation_cache(cache_dir: str | None) -> None:
+  """XLA's persistent cache in `cache_dir` (None: off): a repeated run loads its compiled
+  programs instead of compiling them again (tens of seconds for the tiny model on a CPU)."""
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", paths.resolve(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def use_workdir_compilation_cache(workdir: str | None) -> None:
+  """The cache the workdir's training used (its config.json's train.compilation_cache_dir), so
+  infer / evaluate / the demo compile once per machine, not once per call. A workdir that
+  cannot be read is left to the loader to report."""
+  try:
+    config = config_io.load_config(os.path.join(workdir or "", "config.json"))
+  except (OSError, ValueError):
+    return
+  use_compilation_cache(config.get("train", {}).get("compilation_cache_dir", None))

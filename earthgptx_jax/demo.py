@@ -33,6 +33,7 @@ def main(argv):
   cli.quiet_library_logs()
   try:
     paths.resolve_flags("workdir")
+    cli.use_workdir_compilation_cache(_WORKDIR.value)
     if not _WORKDIR.value:
       raise InferenceError("--workdir: required")
     if _MAX_NEW.value < 1:

@@ -47,6 +47,7 @@ def main(argv):
   cli.quiet_library_logs()
   try:
     paths.resolve_flags("workdir", "out", "data_dir")
+    cli.use_workdir_compilation_cache(_WORKDIR.value)
     if not _WORKDIR.value:
       raise predictor.InferenceError("--workdir: required")
     datasets = _parse_datasets(_DATASETS.value) if _DATASETS.value is not None else ()

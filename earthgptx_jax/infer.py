@@ -133,6 +133,7 @@ def main(argv):
                 top_p=_TOP_P.value, seed=_SEED.value)
   try:
     paths.resolve_flags("workdir", "image", "out", "requests", "results")
+    cli.use_workdir_compilation_cache(_WORKDIR.value)
     if not _WORKDIR.value:
       raise InferenceError("--workdir: required")
     if _REQUESTS.value:
