@@ -89,6 +89,61 @@ def logical_to_shardings(logical_specs, mesh: jax.sharding.Mesh):
   return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
 
 
+class MeshMismatchError(ValueError):
+  """A parameter (or the batch) cannot be split evenly over the mesh: one line naming it."""
+
+
+def check_divisible(abstract_tree, shardings, mesh: jax.sharding.Mesh, *,
+                    extra: dict[str, tuple[int, Sequence[str]]] | None = None) -> None:
+  """Raises MeshMismatchError naming the first array of `abstract_tree` (ShapeDtypeStructs) whose
+  dimension is not divisible by the mesh axes `shardings` split it over, with the mesh shapes
+  over the same devices that would fit. `extra`: {name: (size, mesh axes)} checked too (e.g.
+  the batch over data x fsdp)."""
+  problem = _first_indivisible(abstract_tree, shardings, dict(mesh.shape), extra or {})
+  if problem is None:
+    return
+  what, size, axes = problem
+  num_devices = math.prod(mesh.shape.values())
+  fitting = [shape for shape in _mesh_shapes(num_devices)
+             if _first_indivisible(abstract_tree, shardings, dict(zip(MESH_AXES, shape)),
+                                   extra or {}) is None]
+  sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+  if len(axes) > 1:
+    sizes += f" = {math.prod(mesh.shape[a] for a in axes)}"
+  hint = ("; fits: " + ", ".join(f"--config.mesh.shape='{s}'" for s in fitting[:4])
+          if fitting else f"; no mesh over {num_devices} devices fits")
+  raise MeshMismatchError(
+      f"config.mesh.shape={tuple(mesh.shape.values())} (axes {dict(mesh.shape)}) does not fit "
+      f"{what}: {size} is not divisible by {sizes}" + hint)
+
+
+def _first_indivisible(abstract_tree, shardings, axis_sizes: dict[str, int],
+                       extra: dict[str, tuple[int, Sequence[str]]]):
+  """(description, size, mesh axes) of the first dimension that does not split evenly."""
+  for name, (size, axes) in extra.items():
+    if size % math.prod(axis_sizes[a] for a in axes):
+      return name, size, tuple(axes)
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
+  specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, leaf), sh in zip(leaves, specs):
+    for dim, entry in enumerate(tuple(sh.spec)[:len(leaf.shape)]):
+      axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+      if axes and leaf.shape[dim] % math.prod(axis_sizes[a] for a in axes):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                        for k in path)
+        return (f"{name} of shape {tuple(leaf.shape)} "
+                f"(dimension {dim})", leaf.shape[dim], axes)
+  return None
+
+
+def _mesh_shapes(num_devices: int) -> list[tuple[int, int, int]]:
+  """Every (data, fsdp, tensor) over `num_devices`, FSDP-heavy first (the default (1, -1, 1))."""
+  divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+  shapes = [(d, f, num_devices // (d * f)) for d in divisors for f in divisors
+            if num_devices % (d * f) == 0]
+  return sorted(shapes, key=lambda s: (-s[1], s[2], s[0]))
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) dimension split over data and fsdp; the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -78,6 +78,10 @@ def state_shardings(model, optimizer, config, mesh):
                            jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding.LOGICAL_AXIS_RULES)
+  # Here rather than as jax's IndivisibleError deep in init or restore, which names no parameter.
+  batch_axes = ("data", "fsdp")
+  sharding.check_divisible(nn.meta.unbox(boxed), shardings, mesh, extra={
+      "train.batch_size": (int(config.train.batch_size), batch_axes)})
   return nn.meta.unbox(boxed), shardings
 
 
@@ -170,8 +174,11 @@ def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
     new_state = TrainState(step=state.step + 1, trainable=keep(new_trainable, state.trainable),
                            opt_state=keep(new_opt_state, state.opt_state),
                            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    # tokens: summed here, on device, so every process gets the global count without fetching
+    # the global batch (which spans other processes' devices).
     metrics = dict(metrics, grad_norm=grad_norm, update_skipped=~finite,
-                   learning_rate=optim.learning_rate_schedule(config.train)(state.step))
+                   learning_rate=optim.learning_rate_schedule(config.train)(state.step),
+                   tokens=jnp.sum(batch["attention_mask"].astype(jnp.int32)))
     return new_state, metrics
 
   batch_sh = batch_shardings(config, mesh, batch_size)

@@ -42,12 +42,14 @@ def main():
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       step.jitted.lower(state, batches[0]).compile()
     sharding.wait_for_all_processes("train step compiled")
-  losses = []
+  losses, tokens = [], []
   for batch in batches:
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
+    tokens.append(int(metrics["tokens"]))  # as training.py counts tokens: the global figure
   if jax.process_index() == 0:
     print("LOSSES " + json.dumps(losses), flush=True)
+    print("TOKENS " + json.dumps(tokens), flush=True)
 
 
 if __name__ == "__main__":

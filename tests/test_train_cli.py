@@ -100,16 +100,20 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _printed(stdout, name):
+  line = [l for l in stdout.splitlines() if l.startswith(name + " ")]
+  return json.loads(line[0][len(name) + 1:]) if line else None
+
+
 def _run_losses(args):
   out = subprocess.run([sys.executable, str(ROOT / "tests" / "multihost_step.py"), *args],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  line = [l for l in out.stdout.splitlines() if l.startswith("LOSSES ")]
-  return json.loads(line[0][len("LOSSES "):]) if line else None
+  return _printed(out.stdout, "LOSSES"), _printed(out.stdout, "TOKENS")
 
 
 def test_two_processes_match_one_process(tmp_path):
-  single = _run_losses(["single"])
+  single, single_tokens = _run_losses(["single"])
   port = str(_free_port())
   # Files, not pipes: a process blocked on a full stderr pipe that nobody reads stalls its peer
   # at the coordination service's shutdown barrier.
@@ -124,8 +128,9 @@ def test_two_processes_match_one_process(tmp_path):
     p.wait(timeout=900)
   assert all(p.returncode == 0 for p in procs), "".join(
       err.read_text()[-3000:] for _, err in logs)
-  multi = json.loads([l for l in logs[0][0].read_text().splitlines()
-                      if l.startswith("LOSSES ")][0][7:])
+  multi = _printed(logs[0][0].read_text(), "LOSSES")
   assert len(multi) == len(single) == 3
+  # Tokens per step (tokens/s): the global count, from the step's replicated metric.
+  assert _printed(logs[0][0].read_text(), "TOKENS") == single_tokens
   for a, b in zip(single, multi):
     assert abs(a - b) <= 1e-5 * abs(a)

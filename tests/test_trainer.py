@@ -160,3 +160,14 @@ def test_lora_starts_at_base_and_trains_only_adapters(mesh_1):
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before["params"]["pixel"],
                          after["params"]["pixel"])
   assert any(jax.tree.leaves(changed)), "the unfrozen pixel decoder must train"
+
+
+def test_step_counts_the_global_batch_tokens_on_device(config, single, sharded, mesh_1, mesh_8):
+  """tokens/s comes from the step's `tokens` metric, summed on device over the global batch and
+  replicated: no process fetches the global batch (it spans other processes' devices)."""
+  batch = random_batch(config, config.train.batch_size, seed=3)
+  expected = int(batch["attention_mask"].sum())
+  for (*_, state, _, step), mesh in ((single, mesh_1), (sharded, mesh_8)):
+    _, metrics = step(jax.tree.map(jnp.copy, state), trainer.global_batch(batch, config, mesh))
+    assert metrics["tokens"].sharding.is_fully_replicated
+    assert int(metrics["tokens"]) == expected
