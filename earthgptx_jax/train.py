@@ -97,7 +97,10 @@ def fail(message: str, code: int) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
+  # Not sys.exit: at interpreter shutdown a failed async save's thread can still print
+  # ("ImportError: sys.meta_path is None"), burying the cause. Everything the run owns (the
+  # workdir lock, the checkpoints) was released or finalised when the error left the loop.
+  os._exit(code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
