@@ -5,10 +5,17 @@ Independent of the data pipeline, so model/trainer tests pin the model alone.
 
 from __future__ import annotations
 
+import pathlib
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import fusion
 from earthgptx_jax import batch as batch_lib
+from earthgptx_jax import export, trainer
+from earthgptx_jax import tokenizer as tokenizer_lib
 
 
 def tiny_config(**train_overrides):
@@ -77,3 +84,28 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray
   b["task_id"][:] = np.arange(batch_size) % 3
   assert length >= n
   return b
+
+
+def random_workdir(root: pathlib.Path, texts: Sequence[str],
+                   configure: Callable | None = None):
+  """A tiny workdir with random weights, written as training writes one, under root/run, with a
+  tokenizer trained on `texts`; `configure(config)` adjusts the config before it is saved.
+  Returns (workdir, config, tokenizer)."""
+  tok_dir = root / "tok"
+  tokenizer_lib.build_tokenizer(list(texts), 300, str(tok_dir))
+  tokenizer = tokenizer_lib.load_tokenizer(str(tok_dir))
+  config = tiny_config()
+  config.model.token_ids = type(config.model.token_ids)(
+      tokenizer_lib.special_token_ids(tokenizer))
+  config.data.data_dir = str(root / "data")
+  if configure is not None:
+    configure(config)
+  model = trainer.build_model(config)
+  example = jax.tree.map(jnp.asarray, batch_lib.example_batch(config, 1))
+  shapes = trainer.nn.meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), example)["params"]))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+  wd = root / "run"
+  export.save_workdir(config, {"params": params, "lora": {}}, wd, tokenizer_dir=tok_dir)
+  return wd, config, tokenizer

@@ -15,16 +15,13 @@ import sys
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from data_pipelines import builders, pipeline, schema
 from data_pipelines.converters import captions
-from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import checkpointing, evaluation, export, metrics, trainer
-from earthgptx_jax import tokenizer as tokenizer_lib
-from model_fixtures import tiny_config
+from earthgptx_jax import checkpointing, evaluation, metrics
+from model_fixtures import random_workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RSICD = "RSICD_captions_sample"
@@ -34,27 +31,16 @@ RSICD = "RSICD_captions_sample"
 def workdir(tmp_path_factory):
   """A tiny workdir whose config reads a small synthetic_rs (train 6, validation 3 per sensor):
   .path, and the .config and .tokenizer written there."""
-  root = tmp_path_factory.mktemp("evaluate")
-  tok_dir = root / "tok"
   texts = ["what is in the region? a ship near the plane", "segment the storage tank",
            "many green trees are in a dense residential area near a road"] * 20
-  tokenizer_lib.build_tokenizer(texts, 300, str(tok_dir))
-  tokenizer = tokenizer_lib.load_tokenizer(str(tok_dir))
-  config = tiny_config()
-  config.model.token_ids = type(config.model.token_ids)(
-      tokenizer_lib.special_token_ids(tokenizer))
-  config.data.data_dir = str(root / "data")
-  config.data.synthetic.num_train = 6
-  config.data.synthetic.num_eval = 3
-  builders.ensure_synthetic(config.data.data_dir, config)
-  model = trainer.build_model(config)
-  example = jax.tree.map(jnp.asarray, batch_lib.example_batch(config, 1))
-  shapes = trainer.nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), example)["params"]))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-  wd = root / "run"
-  export.save_workdir(config, {"params": params, "lora": {}}, wd, tokenizer_dir=tok_dir)
+
+  def small_synthetic(config):
+    config.data.synthetic.num_train = 6
+    config.data.synthetic.num_eval = 3
+    builders.ensure_synthetic(config.data.data_dir, config)
+
+  wd, config, tokenizer = random_workdir(tmp_path_factory.mktemp("evaluate"), texts,
+                                         small_synthetic)
   return types.SimpleNamespace(path=wd, config=config, tokenizer=tokenizer)
 
 

@@ -9,17 +9,12 @@ import pathlib
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import schema
-from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import export, generate, overlay, template, trainer
-from earthgptx_jax import tokenizer as tokenizer_lib
+from earthgptx_jax import generate, overlay, template
 from earthgptx_jax import predictor as predictor_lib
-from model_fixtures import tiny_config
+from model_fixtures import random_workdir, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIRST_IMAGE = "SIRST/images/Misc_10.png"
@@ -27,25 +22,9 @@ SIRST_IMAGE = "SIRST/images/Misc_10.png"
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("infer")
-  tok_dir = root / "tok"
   texts = ["what is in the region? a ship near the plane", "segment the storage tank",
            "[12,40,300,512] the building is left of the vehicle"] * 20
-  tokenizer_lib.build_tokenizer(texts, 300, str(tok_dir))
-  tokenizer = tokenizer_lib.load_tokenizer(str(tok_dir))
-  config = tiny_config()
-  config.model.token_ids = type(config.model.token_ids)(
-      tokenizer_lib.special_token_ids(tokenizer))
-  config.data.data_dir = str(root / "data")
-  model = trainer.build_model(config)
-  example = jax.tree.map(jnp.asarray, batch_lib.example_batch(config, 1))
-  shapes = trainer.nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), example)["params"]))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-  wd = root / "run"
-  export.save_workdir(config, {"params": params, "lora": {}}, wd, tokenizer_dir=tok_dir)
-  return wd
+  return random_workdir(tmp_path_factory.mktemp("infer"), texts)[0]
 
 
 @pytest.fixture(scope="module")
