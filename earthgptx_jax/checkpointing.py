@@ -39,7 +39,7 @@ from etils import epath
 from flax import linen as nn
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from earthgptx_jax import paths, sharding, trainer
+from earthgptx_jax import config_io, paths, sharding, trainer
 
 
 class NoUsableCheckpointError(RuntimeError):
@@ -48,6 +48,10 @@ class NoUsableCheckpointError(RuntimeError):
 
 class CheckpointNotFoundError(FileNotFoundError):
   """No finalised checkpoint (at the step asked for) in the directory."""
+
+
+class WorkdirReadError(ValueError):
+  """A training workdir that cannot be read; the message names the flag (--workdir / --step)."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -351,3 +355,23 @@ def _restore_trainable(state_dir: epath.Path, target: dict) -> dict:
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))
   return {k: restored["trainable"].get(k, v) for k, v in target.items()}
+
+
+def load_workdir_params(workdir: str | os.PathLike, step: int | None = None,
+                        ) -> tuple[ml_collections.ConfigDict, int, Any]:
+  """(config, step, params) of a training workdir for a reader (infer, evaluate, export):
+  `load_params` of its saved config. Every failure is a WorkdirReadError naming the flag."""
+  config_file = epath.Path(paths.resolve(workdir)) / "config.json"
+  if not config_file.is_file():
+    raise WorkdirReadError(f"--workdir: {workdir} has no config.json (not a training workdir)")
+  try:
+    config = config_io.load_config(config_file)
+  except (OSError, json.JSONDecodeError) as e:
+    raise WorkdirReadError(f"{config_file}: cannot read the config ({e})") from None
+  try:
+    step, params = load_params(workdir, config, step)
+  except CheckpointNotFoundError as e:
+    raise WorkdirReadError(f"{'--workdir' if step is None else '--step'}: {e}") from None
+  except NoUsableCheckpointError as e:
+    raise WorkdirReadError(f"{'' if step is None else '--step: '}{e}") from None
+  return config, step, params

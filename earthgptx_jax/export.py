@@ -98,7 +98,10 @@ def read_folder(folder: str | os.PathLike) -> tuple[ml_collections.ConfigDict, d
   folder = pathlib.Path(folder)
   if not (folder / "config.json").is_file():
     raise ExportError(f"--import_folder: {folder} has no config.json (not an export folder)")
-  config = _load_config(folder / "config.json")
+  try:
+    config = config_io.load_config(folder / "config.json")
+  except (OSError, json.JSONDecodeError) as e:
+    raise ExportError(f"{folder / 'config.json'}: cannot read the config ({e})") from None
   m = config.model
   try:
     _, llm = llama_convert.load_hf_llama(folder / torch_model.LLM_DIR, m.llm)
@@ -137,27 +140,14 @@ def read_folder(folder: str | os.PathLike) -> tuple[ml_collections.ConfigDict, d
 # Workdirs (Orbax checkpoints).
 
 
-def _load_config(path: pathlib.Path) -> ml_collections.ConfigDict:
-  try:
-    return config_io.load_config(path)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ExportError(f"{path}: cannot read the config ({e})") from None
-
-
 def load_workdir(workdir: str | os.PathLike, step: int | None = None
                  ) -> tuple[ml_collections.ConfigDict, dict, int]:
   """A training workdir -> (config, params with LoRA merged, step), restored read-only on one
   device."""
-  workdir = pathlib.Path(workdir)
-  if not (workdir / "config.json").is_file():
-    raise ExportError(f"--workdir: {workdir} has no config.json (not a training workdir)")
-  config = _load_config(workdir / "config.json")
   try:
-    step, params = checkpointing.load_params(workdir, config, step)
-  except checkpointing.CheckpointNotFoundError as e:
-    raise ExportError(f"{'--workdir' if step is None else '--step'}: {e}") from None
-  except checkpointing.NoUsableCheckpointError as e:
-    raise ExportError(f"{'' if step is None else '--step: '}{e}") from None
+    config, step, params = checkpointing.load_workdir_params(workdir, step)
+  except checkpointing.WorkdirReadError as e:
+    raise ExportError(str(e)) from None
   return config, _numpy_tree(params), int(step)
 
 

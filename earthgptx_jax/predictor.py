@@ -21,7 +21,7 @@ import numpy as np
 
 from data_pipelines import examples, preprocess, schema
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import checkpointing, config_io, generate, template
+from earthgptx_jax import checkpointing, generate, template
 from earthgptx_jax import tokenizer as tokenizer_lib
 
 
@@ -133,21 +133,14 @@ def load_workdir(workdir: str | os.PathLike, step: int | None = None
   """(config, tokenizer, params of `step`, default the newest usable) of a training workdir.
   Read-only: a training job may be saving into the workdir meanwhile."""
   workdir = pathlib.Path(workdir)
-  config_file = workdir / "config.json"
-  if not config_file.is_file():
-    raise InferenceError(f"--workdir: {workdir} has no config.json (not a training workdir)")
-  config = config_io.load_config(config_file)
   tokenizer_dir = workdir / "tokenizer"
-  if not tokenizer_dir.is_dir():
+  if (workdir / "config.json").is_file() and not tokenizer_dir.is_dir():
     raise InferenceError(f"--workdir: {workdir} has no tokenizer/ folder")
-  tokenizer = tokenizer_lib.load_tokenizer(str(tokenizer_dir))
   try:
-    _, params = checkpointing.load_params(workdir, config, step)
-  except checkpointing.CheckpointNotFoundError as e:
-    raise InferenceError(f"{'--workdir' if step is None else '--step'}: {e}") from None
-  except checkpointing.NoUsableCheckpointError as e:
-    raise InferenceError(f"{'' if step is None else '--step: '}{e}") from None
-  return config, tokenizer, params
+    config, _, params = checkpointing.load_workdir_params(workdir, step)
+  except checkpointing.WorkdirReadError as e:
+    raise InferenceError(str(e)) from None
+  return config, tokenizer_lib.load_tokenizer(str(tokenizer_dir)), params
 
 
 def prediction_json(p: generate.Prediction) -> dict:
