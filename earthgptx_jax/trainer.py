@@ -135,28 +135,56 @@ def compute_losses(model, config, trainable, batch, num_tasks: int):
   return total, metrics
 
 
-def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
-  """The jitted step: grad accumulation over micro-batches, NaN-safe update, donated state."""
+def make_grads_fn(model, config, num_tasks: int, mesh=None):
+  """(trainable, batch) -> (grads, metrics), what the train step differentiates.
+
+  Only the trainable leaves are differentiated (`train.frozen_patterns`, optim.py): the frozen
+  ones enter the loss as constants, so XLA runs no backward pass through a frozen encoder at the
+  input and computes no weight gradient for a frozen weight; their entries in `grads` are zeros
+  that nothing reads (the optimizer gives frozen leaves no update).
+
+  With `train.grad_accum_steps` = A, micro-batch i holds rows i, i + A, i + 2A, ... of the
+  batch: a (B/A, A) reshape then a transpose, so each device's contiguous block of rows splits
+  into its share of every micro-batch and no rows move between devices (a (A, B/A) reshape
+  would give each micro-batch to a few devices: an all-gather of the batch). Per-example sums
+  do not depend on the rows' order.
+  """
   accum = int(config.train.get("grad_accum_steps", 1))
-  batch_size = int(config.train.batch_size)
-  if batch_size % accum:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by "
-                     f"train.grad_accum_steps={accum}")
+  frozen_patterns = tuple(config.train.get("frozen_patterns", ()))
+
+  def grad_fn(trainable, batch):
+    leaves, treedef = jax.tree.flatten(trainable)
+    live = jax.tree.leaves(optim.trainable_mask(trainable, frozen_patterns))
+
+    def loss(train_leaves):
+      it = iter(train_leaves)
+      full = [next(it) if t else jax.lax.stop_gradient(x) for x, t in zip(leaves, live)]
+      return compute_losses(model, config, treedef.unflatten(full), batch, num_tasks)
+
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
+        [x for x, t in zip(leaves, live) if t])
+    it = iter(grads)
+    return treedef.unflatten([next(it) if t else jnp.zeros_like(x)
+                              for x, t in zip(leaves, live)]), metrics
 
   def grads_and_metrics(trainable, batch):
-    grad_fn = jax.value_and_grad(
-        functools.partial(compute_losses, model, config, num_tasks=num_tasks), has_aux=True)
     if accum == 1:
-      (_, metrics), grads = grad_fn(trainable, batch)
-      return grads, metrics
-    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+      return grad_fn(trainable, batch)
+
+    def split(x):
+      x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+      if mesh is None:
+        return x
+      return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(
+          None, *sharding.batch_sharding(mesh, x.ndim - 1).spec)))
+    micro = jax.tree.map(split, batch)
 
     def body(carry, mb):
-      (_, m), g = grad_fn(trainable, mb)
+      g, m = grad_fn(trainable, mb)
       return jax.tree.map(jnp.add, carry, (g, m)), None
 
-    zeros = jax.eval_shape(lambda: grad_fn(trainable, jax.tree.map(lambda x: x[0], micro)))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+    zeros = jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
     (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
     scale = 1.0 / accum
     grads = jax.tree.map(lambda g: g * scale, grads)
@@ -164,11 +192,27 @@ def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
       metrics[k] = metrics[k] * scale
     return grads, metrics
 
+  return grads_and_metrics
+
+
+def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
+  """The jitted step: grad accumulation over micro-batches, NaN-safe update, donated state."""
+  accum = int(config.train.get("grad_accum_steps", 1))
+  batch_size = int(config.train.batch_size)
+  if batch_size % accum:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by "
+                     f"train.grad_accum_steps={accum}")
+  grads_and_metrics = make_grads_fn(model, config, num_tasks, mesh)
+  live = functools.partial(optim.trainable_mask,
+                           frozen_patterns=tuple(config.train.get("frozen_patterns", ())))
+
   def step(state: TrainState, batch):
     grads, metrics = grads_and_metrics(state.trainable, batch)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     new_trainable = optax.apply_updates(state.trainable, updates)
-    grad_norm = optim.global_norm(config.train, grads)
+    # Over the trainable leaves only: reading a frozen leaf's gradient would make XLA compute it.
+    grad_norm = optim.global_norm(config.train, [
+        g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(live(grads))) if t])
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(step=state.step + 1, trainable=keep(new_trainable, state.trainable),
@@ -191,6 +235,7 @@ def make_train_step(model, optimizer, config, mesh, state_sh, num_tasks: int):
       return jitted(state, batch)
 
   run.jitted = jitted
+  run.grads_and_metrics = grads_and_metrics
   return run
 
 
