@@ -22,19 +22,26 @@ TEST_REQUIRES = [
     "selenium",
 ]
 
+# The versions the tests pass with (jax, flax, orbax and grain change APIs between minor
+# releases); the accelerator extras install the matching jaxlib plugin.
+JAX_VERSION = "0.10.2"
+# gs:// workdirs and data (etils.epath -> gcsfs) and TensorBoard event files on GCS
+# (tensorboardX -> google-cloud-storage): without them a pod run fails before its first step.
+CLOUD = ["gcsfs", "google-cloud-storage"]
+
 setuptools.setup(
     name="earthgptx_jax",
     version="0.1.0",
     description="EarthGPT-X in JAX/Flax: multi-source remote-sensing MLLM with visual prompts",
     packages=setuptools.find_packages(include=["earthgptx_jax*", "data_pipelines*", "configs*"]),
     package_data={"earthgptx_jax": ["demo_page.html"]},  # the demo's page (demo_server.py)
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
-        "jax>=0.7",
-        "flax>=0.11",
-        "optax",
-        "orbax-checkpoint",
-        "grain",
+        f"jax=={JAX_VERSION}",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
         "tensorflow-datasets",
         "array-record",
         "ml-collections",
@@ -51,7 +58,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": TEST_REQUIRES,
-        "tpu": ["jax[tpu]"],
-        "gpu": ["jax[cuda12]"],
+        "tpu": [f"jax[tpu]=={JAX_VERSION}", *CLOUD],
+        "gpu": [f"jax[cuda12]=={JAX_VERSION}", *CLOUD],
     },
 )

@@ -19,6 +19,11 @@ def ensure_tokenizer(config: ml_collections.ConfigDict):
   path = config.model.llm.get("tokenizer_path", None)
   if path:
     return tokenizer_lib.load_tokenizer(os.path.expanduser(path))
+  pretrained = config.model.llm.get("pretrained_path", None)
+  if pretrained:  # the project's tokenizer would silently give the LLM's weights other ids
+    raise ValueError(f"model.llm.tokenizer_path: unset while model.llm.pretrained_path="
+                     f"{pretrained!r} is set; give the pretrained LLM's own tokenizer (an HF "
+                     f"folder, usually the same one)")
   folder = os.path.join(sources.source_data_dir(config, "synthetic_rs/optical"),
                         f"tokenizer_{int(config.model.llm.vocab_size)}")
   with builders.exclusive(folder):  # one builder among concurrent processes

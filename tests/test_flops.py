@@ -154,3 +154,4 @@ def test_frozen_groups_cost_less():
   # Frozen LLM MLPs still pass input gradients (the attention and what feeds the LLM train).
   mlp = perf.training_flops(config, 2, frozen_patterns=(r"^params/llm/.*/mlp/",))
   assert fwd["llm"] * 2 < mlp["llm"] < full["llm"]
+
