@@ -163,7 +163,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   preemption.interruptible(None)  # from here on a SIGTERM saves a checkpoint after the step
   step = int(state.step)
   progress = progress_lib.ProgressLogger(workdir, config, data.task_names,
-                                         perf.compiled_flops(compiled), peak, start_step=step)
+                                         perf.model_flops_per_step(config), peak, start_step=step)
   progress.restore_state(step, log=_log)
 
   total_steps = int(config.train.steps)
