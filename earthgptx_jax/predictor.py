@@ -140,7 +140,7 @@ def load_workdir(workdir: str | os.PathLike, step: int | None = None
     config, _, params = checkpointing.load_workdir_params(workdir, step)
   except checkpointing.WorkdirReadError as e:
     raise InferenceError(str(e)) from None
-  return config, tokenizer_lib.load_tokenizer(str(tokenizer_dir)), params
+  return config, tokenizer_lib.load_saved_tokenizer(tokenizer_dir), params
 
 
 def prediction_json(p: generate.Prediction) -> dict:
