@@ -1,0 +1,36 @@
+"""What makes a repeated `infer` call fast, pinned: the params restore reads the checkpoint's own
+shapes (no model trace) and gives what the traced restore gives, LoRA adapters merged."""
+
+import functools
+
+import jax
+import numpy as np
+
+from earthgptx_jax import checkpointing, export, trainer
+from model_fixtures import tiny_config
+
+
+def test_one_device_restore_without_a_model_trace_equals_the_traced_one(tmp_path, monkeypatch):
+  config = tiny_config()
+  config.train.lora.rank = 2
+  model = trainer.build_model(config)
+  shapes = trainer.nn.meta.unbox(jax.eval_shape(
+      functools.partial(trainer._init_trainable, model, config), jax.random.key(0)))  # noqa: SLF001
+  rng = np.random.default_rng(0)
+  trainable = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
+                           shapes)
+  assert jax.tree.leaves(trainable["lora"])
+  export.save_workdir(config, trainable, tmp_path / "run", step=4)
+  mesh = trainer.sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  _, traced = checkpointing.load_params(tmp_path / "run", config, mesh=mesh)
+  with monkeypatch.context() as m:  # the one-device path never traces the model
+    m.setattr(checkpointing, "_abstract_trainable", None)
+    step, params = checkpointing.load_params(tmp_path / "run", config)
+  assert step == 4
+  assert jax.tree.structure(params) == jax.tree.structure(traced)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(traced)):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  merged = trainer.model_params(trainable, config)  # LoRA folded in, as the traced path does
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(params)[0]),
+                                np.asarray(jax.tree.leaves(merged)[0]))
