@@ -6,7 +6,7 @@ import functools
 import jax
 import numpy as np
 
-from earthgptx_jax import checkpointing, export, trainer
+from earthgptx_jax import checkpointing, cli, export, trainer
 from model_fixtures import tiny_config
 
 
@@ -34,3 +34,18 @@ def test_one_device_restore_without_a_model_trace_equals_the_traced_one(tmp_path
   merged = trainer.model_params(trainable, config)  # LoRA folded in, as the traced path does
   np.testing.assert_array_equal(np.asarray(jax.tree.leaves(params)[0]),
                                 np.asarray(jax.tree.leaves(merged)[0]))
+
+
+def test_a_readers_compilation_cache_is_never_inside_the_workdir_it_reads(tmp_path, monkeypatch):
+  """infer / evaluate / the demo reuse the training run's XLA cache, unless it lies inside the
+  workdir: XLA writes each new program there, and a reader writes nothing into its workdir."""
+  used = []
+  monkeypatch.setattr(cli, "use_compilation_cache", used.append)
+  for name, cache in (("outside", tmp_path / "xla"), ("inside", tmp_path / "inside" / "xla")):
+    (tmp_path / name).mkdir()
+    config = tiny_config(compilation_cache_dir=str(cache))
+    (tmp_path / name / "config.json").write_text(config.to_json())
+  cli.use_workdir_compilation_cache(str(tmp_path / "outside"))
+  monkeypatch.chdir(tmp_path)
+  cli.use_workdir_compilation_cache("inside/.")  # however the flag spells the folder
+  assert used == [str(tmp_path / "xla")]

@@ -12,8 +12,9 @@ from earthgptx_jax import tokenizer as tk
 
 TEXTS = ["what is in the region? a ship near the plane", "segment the storage tank",
          "[12,40,300,512] the building is left of the vehicle"] * 20
-PROBES = ["What is inside <vp1>? a ship [SEG] near [BOX] the plane", "  two  spaces\tand\nlines ",
-          "typed specials stay text: <im_patch> <vp> [SEG]", "ünïcode ✓ 中文", "", "[1,2,3,4]"]
+PROBES = ["What is inside <vp1>? a ship [SEG] near [BOX] the plane",
+          "  two  spaces\tand\nlines ", "typed specials stay text: <im_patch> <vp> [SEG]",
+          "ünïcode ✓ 中文", "", "[1,2,3,4]"]
 
 
 def test_saved_tokenizer_matches_transformers_and_imports_no_torch(tmp_path):
