@@ -31,6 +31,7 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
+        "flatbuffers",  # jax.export's serialisation: infer's stored programs (programs.py)
         "flax>=0.11",
         "optax",
         "orbax-checkpoint",

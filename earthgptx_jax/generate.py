@@ -88,14 +88,16 @@ class Generator:
   """Jitted multimodal generation: visual prefill -> KV-cached LLM decoding -> [SEG] masks and
   [BOX] boxes. Params are an argument, so one Generator serves every checkpoint of a config."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None, programs=None):
+    """programs(name, jitted) -> a callable used in its place (e.g. programs.for_model)."""
     self.config = config
     self.mesh = mesh
     self.model = earthgptx.EarthGPTX(config.model)
     # One Llama for the Generator's life: decoding.generate compiles per module identity.
     self.llm = llama.Llama(config.model.llm)
-    self._prefill = jax.jit(self._prefill_impl)
-    self._heads = jax.jit(self._heads_impl)
+    keep = programs or (lambda name, jitted: jitted)
+    self._prefill = keep("prefill", jax.jit(self._prefill_impl))
+    self._heads = keep("heads", jax.jit(self._heads_impl))
     self._sink = _TokenSink()
     self._streaming = threading.Lock()  # one streaming caller at a time owns the sink
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from data_pipelines import examples, preprocess, schema
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import checkpointing, generate, template
+from earthgptx_jax import checkpointing, generate, programs, template
 from earthgptx_jax import tokenizer as tokenizer_lib
 
 
@@ -163,7 +163,8 @@ class Predictor:
     self.config = config
     self.params = params
     self.tokenizer = tokenizer
-    self.generator = generate.Generator(config)
+    # Its programs kept across processes where XLA's cache is on: a new process skips tracing.
+    self.generator = generate.Generator(config, programs=programs.for_model(config))
     self.processor = examples.ExampleProcessor(config, tokenizer)
 
   @classmethod

@@ -4,9 +4,10 @@ shapes (no model trace) and gives what the traced restore gives, LoRA adapters m
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from earthgptx_jax import checkpointing, cli, export, trainer
+from earthgptx_jax import checkpointing, cli, export, programs, trainer
 from model_fixtures import tiny_config
 
 
@@ -49,3 +50,37 @@ def test_a_readers_compilation_cache_is_never_inside_the_workdir_it_reads(tmp_pa
   monkeypatch.chdir(tmp_path)
   cli.use_workdir_compilation_cache("inside/.")  # however the flag spells the folder
   assert used == [str(tmp_path / "xla")]
+
+
+def test_a_stored_program_is_not_traced_again_and_computes_the_same(tmp_path):
+  traced = []
+
+  def jitted():  # a new function each time, as in a new process (JAX caches traces per function)
+    def f(x, y):
+      traced.append(x.shape)
+      return {"product": jnp.sin(x) @ y, "sum": x.sum()}
+    return jax.jit(f)
+
+  rng = np.random.default_rng(0)
+  x, y = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((3, 4), (4, 5)))
+  want = jitted()(x, y)
+  traced.clear()
+  assert jax.tree.map(np.asarray, programs.Stored(jitted(), "f", tmp_path, "model")(x, y))
+  assert traced == [(3, 4)]  # exported once, into tmp_path
+  traced.clear()
+  again = programs.Stored(jitted(), "f", tmp_path, "model")  # as a new process makes it
+  got = again(x, y)
+  assert traced == []
+  for key in want:
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+  again(x[:2], y)  # another signature, another program
+  programs.Stored(jitted(), "f", tmp_path, "another model")(x, y)
+  assert traced == [(2, 4), (3, 4)]
+  files = sorted(tmp_path.glob("f-*.jax_exported"))
+  assert len(files) == 3
+  for path in files:  # an unreadable entry is exported again
+    path.write_bytes(b"not a program")
+  traced.clear()
+  got = programs.Stored(jitted(), "f", tmp_path, "model")(x, y)
+  assert traced == [(3, 4)]
+  np.testing.assert_array_equal(np.asarray(got["sum"]), np.asarray(want["sum"]))
