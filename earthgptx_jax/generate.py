@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
@@ -138,8 +137,8 @@ class Generator:
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES))
         batch = jax.device_put(dict(batch), sharding.replicated(self.mesh))
-      else:
-        batch = jax.tree.map(jnp.asarray, dict(batch))
+      else:  # device_put converts on the host; jnp.asarray compiles a program per dtype
+        batch = jax.device_put(dict(batch))
       embeds, dense, box_features = self._prefill(params, batch)
       out = decoding.generate(self.llm, params["llm"], inputs_embeds=embeds,
                               attention_mask=batch["attention_mask"],
