@@ -12,7 +12,8 @@ cold as it is). In process, a loaded Predictor (after one warm-up question, outs
 timings): the first streamed token (`Predictor.stream`) and the full answer (`predict`: text,
 boxes and masks), medians over --reps. Random weights rarely stop early, so their answers run
 the full --max_new_tokens: a worst case for the full answer. Each figure comes with the load
-average it was taken under (this machine is shared). JSON: benchmarks/results/infer_latency.json.
+average it was taken under, and each CLI call with its CPU seconds, which other processes on a
+shared machine inflate far less than its wall time. JSON: benchmarks/results/infer_latency.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,8 +60,10 @@ def _image(root: pathlib.Path) -> pathlib.Path:
 
 def cli_call(workdir: pathlib.Path, image: pathlib.Path, out: pathlib.Path,
              max_new_tokens: int) -> dict:
-  """One `infer` subprocess: wall seconds, the load average before it, what it printed."""
+  """One `infer` subprocess: wall seconds, its CPU seconds (user + system: what it costs
+  whatever else runs on the machine) and the load average before it."""
   load = os.getloadavg()[0]
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
   proc = subprocess.run(
       [sys.executable, "-m", "earthgptx_jax.infer", f"--workdir={workdir}", f"--image={image}",
@@ -68,9 +72,11 @@ def cli_call(workdir: pathlib.Path, image: pathlib.Path, out: pathlib.Path,
       capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
           [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])))
   wall = time.perf_counter() - start
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if proc.returncode:
     raise RuntimeError(f"infer failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  return dict(wall_s=wall, load_before=load)
+  cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+  return dict(wall_s=wall, cpu_s=cpu, load_before=load)
 
 
 def in_process(workdir: pathlib.Path, image: pathlib.Path, max_new_tokens: int,
@@ -118,7 +124,8 @@ def run(workdir: str | None = None, *, max_new_tokens: int = 64, reps: int = 3) 
   return dict(workdir=workdir or "random tiny weights", max_new_tokens=max_new_tokens, reps=reps,
               cpus=os.cpu_count(), cli_cold=cold,
               cli_warm=dict(wall_s=statistics.median(r["wall_s"] for r in warm),
-                            runs=warm), predictor=loaded)
+                            cpu_s=statistics.median(r["cpu_s"] for r in warm), runs=warm),
+              predictor=loaded)
 
 
 def main() -> None:
@@ -130,9 +137,10 @@ def main() -> None:
   r = run(args.workdir, max_new_tokens=args.max_new_tokens, reps=args.reps)
   p = r["predictor"]
   print(f"infer latency ({r['workdir']}, max_new_tokens={r['max_new_tokens']}, {r['cpus']} CPUs)")
-  print(f"  CLI cold (compiles): {r['cli_cold']['wall_s']:.1f} s "
-        f"(load {r['cli_cold']['load_before']:.1f})")
-  print(f"  CLI warm, median of {r['reps']}: {r['cli_warm']['wall_s']:.1f} s (loads "
+  print(f"  CLI cold (compiles): {r['cli_cold']['wall_s']:.1f} s wall, "
+        f"{r['cli_cold']['cpu_s']:.1f} s CPU (load {r['cli_cold']['load_before']:.1f})")
+  print(f"  CLI warm, median of {r['reps']}: {r['cli_warm']['wall_s']:.1f} s wall, "
+        f"{r['cli_warm']['cpu_s']:.1f} s CPU (loads "
         + ", ".join(f"{w['load_before']:.1f}" for w in r["cli_warm"]["runs"]) + ")")
   print(f"  loaded Predictor: first token {p['first_token_s'] * 1e3:.0f} ms, full answer "
         f"{p['full_answer_s'] * 1e3:.0f} ms (load {p['load_average']:.1f})")
