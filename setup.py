@@ -38,6 +38,7 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=[
         f"jax=={JAX_VERSION}",
+        "flatbuffers",  # jax.export's serialisation: infer's stored programs (programs.py)
         "flax==0.12.8",
         "optax==0.2.8",
         "orbax-checkpoint==0.12.8",

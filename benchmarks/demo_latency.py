@@ -1,7 +1,7 @@
 """The browser demo's latency as its user sees it: first streamed token and full answer, over HTTP.
 
-    python benchmarks/demo_latency.py                       # random tiny weights (no training)
-    python benchmarks/demo_latency.py --workdir=workdir/tiny  # a trained run
+    python -m benchmarks.demo_latency                       # random tiny weights (no training)
+    python -m benchmarks.demo_latency --workdir=workdir/tiny  # a trained run
 
 Starts `python -m earthgptx_jax.demo` as a user does, picks each bundled example (optical,
 SAR, infrared), draws a box and asks about it through the page's own endpoints, and times
@@ -25,34 +25,11 @@ import time
 import urllib.request
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from configs import fusion
-from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import export, trainer
-from earthgptx_jax import tokenizer as tokenizer_lib
+from benchmarks.infer_latency import TEXTS
+from tests.model_fixtures import random_workdir
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def random_workdir(root: pathlib.Path) -> pathlib.Path:
-  """A tiny-preset workdir with random weights, written as training writes one."""
-  texts = ["what is in the region? a ship near the plane", "segment the storage tank",
-           "[12,40,300,512] the building is left of the vehicle"] * 20
-  tokenizer_lib.build_tokenizer(texts, 300, str(root / "tok"))
-  tokenizer = tokenizer_lib.load_tokenizer(str(root / "tok"))
-  config = tokenizer_lib.complete_config(fusion.get_config("tiny"), tokenizer)
-  config.data.data_dir = str(root / "data")
-  model = trainer.build_model(config)
-  example = jax.tree.map(jnp.asarray, batch_lib.example_batch(config, 1))
-  shapes = trainer.nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), example)["params"]))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-  export.save_workdir(config, {"params": params, "lora": {}}, root / "run",
-                      tokenizer_dir=root / "tok")
-  return root / "run"
 
 
 def _post(url: str, body: bytes = b"") -> urllib.request.Request:
@@ -89,7 +66,7 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=5)
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
-    workdir = args.workdir or str(random_workdir(pathlib.Path(tmp)))
+    workdir = args.workdir or str(random_workdir(pathlib.Path(tmp), TEXTS)[0])
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "earthgptx_jax.demo", f"--workdir={workdir}",
                              "--port=0", f"--max_new_tokens={args.max_new_tokens}"],

@@ -16,6 +16,9 @@ Rows (targets from issue 9):
             consumes (>= 5x).
   encoders  forward of ConvNeXt-L and DINOv2 ViT-L/14 (benchmarks/encoders.py) and SAM ViT-B
             (benchmarks/sam.py) vs their PyTorch references, same weights.
+  infer     one `python -m earthgptx_jax.infer` call on the tiny preset (random weights), cold
+            (empty XLA cache) and warm (a second call: <= 5 s), and a loaded Predictor's first
+            streamed token and full answer (benchmarks/infer_latency.py).
   fsdp      bytes of train state (params + AdamW moments) per device on an 8-device CPU mesh,
             vs total / 8 (<= +5 %), on a 1 x 4 x 2 mesh: the tiny preset materialised (bytes of
             the shards resident on the fullest device) and the paper preset from its shardings
@@ -37,7 +40,7 @@ import platform
 import subprocess
 import sys
 
-ROWS = ("train", "loader", "decode", "encoders", "fsdp")
+ROWS = ("train", "loader", "decode", "encoders", "fsdp", "infer")
 FSDP_DEVICES = 8
 # data x fsdp x tensor. Pure 8-way FSDP (1 x 8 x 1) cannot be laid out: the mask decoder's
 # 4-wide output heads (3 multimask + 1) carry an fsdp-mapped axis; 1 x 4 x 2 can.
@@ -182,6 +185,22 @@ def fsdp_rows(args, results) -> list[dict]:
   return rows
 
 
+def infer_rows(args, results) -> list[dict]:
+  from benchmarks import infer_latency
+  r = infer_latency.run(max_new_tokens=64, reps=args.repeats)
+  results["infer"] = r
+  p, loads = r["predictor"], [w["load_before"] for w in r["cli_warm"]["runs"]]
+  return [
+      _row("infer CLI, second call, tiny, 64 new tokens (s)", r["cli_warm"]["wall_s"],
+           r["cli_cold"]["wall_s"], "s", None, "reference: the first call (compiles)",
+           "<= 5 s", f"{r['cli_warm']['cpu_s']:.1f} s CPU; load average "
+           f"{min(loads):.1f}-{max(loads):.1f}"),
+      _row("infer, loaded model: first token (ms)", 1e3 * p["first_token_s"], None, "ms",
+           note=f"streamed; load average {p['load_average']:.1f}"),
+      _row("infer, loaded model: full answer, <= 64 tokens (ms)", 1e3 * p["full_answer_s"], None,
+           "ms", note="text, boxes and masks")]
+
+
 def _fmt(value) -> str:
   if value is None:
     return "-"
@@ -231,7 +250,7 @@ def main():
                  jax=jax.__version__, torch=torch.__version__,
                  torch_threads=torch.get_num_threads(), backend=jax.default_backend())
   sections = (({"train", "loader"}, train_rows), ({"decode"}, decode_rows),
-              ({"encoders"}, encoder_rows), ({"fsdp"}, fsdp_rows))
+              ({"encoders"}, encoder_rows), ({"fsdp"}, fsdp_rows), ({"infer"}, infer_rows))
   rows = []
   for names, measure in sections:
     if names & set(args.rows):

@@ -306,13 +306,14 @@ def load_params(workdir: str | epath.PathLike, config: ml_collections.ConfigDict
     raise CheckpointNotFoundError(f"no checkpoint {step} in {directory} (have {steps})")
   if not steps:
     raise CheckpointNotFoundError(f"no checkpoint in {directory}")
-  if mesh is None:
-    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  target = _abstract_trainable(config, mesh)
+  # One device: the saved shapes are the target (no model trace, seconds of an infer call);
+  # a mesh needs the model's logical axes for its shardings.
+  target = None if mesh is None else _abstract_trainable(config, mesh)
   errors = []
   for s in [step] if step is not None else reversed(steps):
     try:
-      trainable = _restore_trainable(directory / str(s) / "state", target)
+      trainable = _restore_trainable(directory / str(s) / "state",
+                                     target or _saved_trainable(directory / str(s) / "state"))
       return s, trainer.model_params(trainable, config)
     except Exception as e:  # noqa: BLE001 — any failure means "this checkpoint is unusable"
       reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"  # one line
@@ -343,6 +344,17 @@ def _abstract_trainable(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
         jax.random.key(0))
   shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh)
   return abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+
+
+def _saved_trainable(state_dir: epath.Path) -> dict:
+  """`state.trainable` as ShapeDtypeStructs on the first device, read from the checkpoint's own
+  metadata (its params and LoRA adapters, {} for those it has none of)."""
+  # The handler's metadata: the tree alone (the checkpointer's also wants a step-metadata file,
+  # which workdirs written by export.save_workdir do not hold, and warns).
+  saved = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree["trainable"]
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  leaf = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+  return {k: jax.tree.map(leaf, saved.get(k) or {}) for k in ("params", "lora")}
 
 
 def _restore_trainable(state_dir: epath.Path, target: dict) -> dict:

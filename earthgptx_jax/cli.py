@@ -26,9 +26,15 @@ def use_compilation_cache(cache_dir: str | None) -> None:
 def use_workdir_compilation_cache(workdir: str | None) -> None:
   """The cache the workdir's training used (its config.json's train.compilation_cache_dir), so
   infer / evaluate / the demo compile once per machine, not once per call. A workdir that
-  cannot be read is left to the loader to report."""
+  cannot be read is left to the loader to report. A cache inside the workdir is not used: a
+  reader never writes to the workdir it reads (XLA adds every new program to its cache)."""
   try:
     config = config_io.load_config(os.path.join(workdir or "", "config.json"))
   except (OSError, ValueError):
     return
-  use_compilation_cache(config.get("train", {}).get("compilation_cache_dir", None))
+  cache_dir = config.get("train", {}).get("compilation_cache_dir", None)
+  if cache_dir and "://" not in cache_dir and "://" not in workdir:
+    folder = os.path.realpath(paths.resolve(workdir))
+    if os.path.commonpath([os.path.realpath(paths.resolve(cache_dir)), folder]) == folder:
+      return
+  use_compilation_cache(cache_dir)

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
@@ -88,14 +87,16 @@ class Generator:
   """Jitted multimodal generation: visual prefill -> KV-cached LLM decoding -> [SEG] masks and
   [BOX] boxes. Params are an argument, so one Generator serves every checkpoint of a config."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None, programs=None):
+    """programs(name, jitted) -> a callable used in its place (e.g. programs.for_model)."""
     self.config = config
     self.mesh = mesh
     self.model = earthgptx.EarthGPTX(config.model)
     # One Llama for the Generator's life: decoding.generate compiles per module identity.
     self.llm = llama.Llama(config.model.llm)
-    self._prefill = jax.jit(self._prefill_impl)
-    self._heads = jax.jit(self._heads_impl)
+    keep = programs or (lambda name, jitted: jitted)
+    self._prefill = keep("prefill", jax.jit(self._prefill_impl))
+    self._heads = keep("heads", jax.jit(self._heads_impl))
     self._sink = _TokenSink()
     self._streaming = threading.Lock()  # one streaming caller at a time owns the sink
 
@@ -136,8 +137,8 @@ class Generator:
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES))
         batch = jax.device_put(dict(batch), sharding.replicated(self.mesh))
-      else:
-        batch = jax.tree.map(jnp.asarray, dict(batch))
+      else:  # device_put converts on the host; jnp.asarray compiles a program per dtype
+        batch = jax.device_put(dict(batch))
       embeds, dense, box_features = self._prefill(params, batch)
       out = decoding.generate(self.llm, params["llm"], inputs_embeds=embeds,
                               attention_mask=batch["attention_mask"],

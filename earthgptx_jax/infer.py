@@ -5,6 +5,11 @@ r"""Ask a trained EarthGPT-X about an image: text answer, parsed boxes, [SEG] ma
 
 Batch mode over a JSONL of requests: `--requests=in.jsonl --results=out.jsonl`. The same as a
 Python API: `predictor.Predictor.from_workdir(DIR)(image, modality, text, prompts)`.
+
+The first call on a machine compiles the model (about a minute for the tiny preset on 2 cores);
+later calls load its programs from the training run's XLA cache (train.compilation_cache_dir,
+with the exported programs of programs.py beside it) in a few seconds. Nothing is written into
+the workdir: a cache folder inside it is not used.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 
 from data_pipelines import examples, preprocess, schema
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import checkpointing, generate, template
+from earthgptx_jax import checkpointing, generate, programs, template
 from earthgptx_jax import tokenizer as tokenizer_lib
 
 
@@ -140,7 +140,7 @@ def load_workdir(workdir: str | os.PathLike, step: int | None = None
     config, _, params = checkpointing.load_workdir_params(workdir, step)
   except checkpointing.WorkdirReadError as e:
     raise InferenceError(str(e)) from None
-  return config, tokenizer_lib.load_tokenizer(str(tokenizer_dir)), params
+  return config, tokenizer_lib.load_saved_tokenizer(tokenizer_dir), params
 
 
 def prediction_json(p: generate.Prediction) -> dict:
@@ -163,7 +163,8 @@ class Predictor:
     self.config = config
     self.params = params
     self.tokenizer = tokenizer
-    self.generator = generate.Generator(config)
+    # Its programs kept across processes where XLA's cache is on: a new process skips tracing.
+    self.generator = generate.Generator(config, programs=programs.for_model(config))
     self.processor = examples.ExampleProcessor(config, tokenizer)
 
   @classmethod

@@ -9,6 +9,7 @@ tokens are appended in that order, so token ids and resized embeddings are deter
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pathlib
 from collections.abc import Iterable, Mapping
@@ -161,3 +162,60 @@ def resize_embeddings(params: Mapping, new_vocab: int) -> dict:
     kernel = np.asarray(tree["lm_head"]["kernel"])
     tree["lm_head"] = {**tree["lm_head"], "kernel": grow(kernel, kernel.ndim - 1)}
   return {"params": tree} if wrapped else tree
+
+
+# tokenizer_config.json classes that are the `tokenizers` backend alone, with nothing added by a
+# transformers subclass (a LlamaTokenizer etc. is loaded by transformers, as written).
+_PLAIN_BACKENDS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+class SavedTokenizer:
+  """A saved tokenizer folder read with the `tokenizers` library alone: what answering a request
+  calls (encode, decode, the special ids) and nothing else. transformers is not imported: it
+  imports torch, seconds of an `infer` call that needs neither."""
+
+  def __init__(self, backend, special: Mapping[str, str]):
+    self._backend = backend
+    for name in ("bos", "eos", "unk", "pad"):
+      setattr(self, f"{name}_token", special.get(name))
+      setattr(self, f"{name}_token_id", backend.token_to_id(special[name])
+              if special.get(name) else None)
+
+  def __len__(self) -> int:
+    return self._backend.get_vocab_size(with_added_tokens=True)
+
+  def get_vocab(self) -> dict[str, int]:
+    return self._backend.get_vocab(with_added_tokens=True)
+
+  def convert_tokens_to_ids(self, token: str) -> int | None:
+    value = self._backend.token_to_id(token)
+    return self.unk_token_id if value is None else value
+
+  def encode(self, text: str, add_special_tokens: bool = True,
+             split_special_tokens: bool = False) -> list[int]:
+    # As transformers' backend does: a flag of the (shared) backend set for each call.
+    self._backend.encode_special_tokens = split_special_tokens
+    return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def load_saved_tokenizer(folder: str | os.PathLike):
+  """The tokenizer a training run saved (workdir/tokenizer): a `SavedTokenizer` when the folder
+  is a plain `tokenizers` backend already holding every special token, which encodes and
+  decodes exactly as `load_tokenizer`'s; else `load_tokenizer(folder)`."""
+  from tokenizers import Tokenizer  # light (tens of ms); this module's other users need none
+  folder = pathlib.Path(folder)
+  try:
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+  except Exception:  # noqa: BLE001 — unreadable: load_tokenizer reports it, below
+    return load_tokenizer(folder)
+  special = {name: config.get(f"{name}_token") for name in ("bos", "eos", "unk", "pad")}
+  special = {k: v.get("content") if isinstance(v, dict) else v for k, v in special.items()}
+  vocab = backend.get_vocab(with_added_tokens=True)
+  if (config.get("tokenizer_class") not in _PLAIN_BACKENDS or not special["pad"]
+      or any(t not in vocab for t in (*template.SPECIAL_TOKENS, *filter(None, special.values())))):
+    return load_tokenizer(folder)
+  return SavedTokenizer(backend, special)
