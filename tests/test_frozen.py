@@ -9,14 +9,12 @@ of the trainable leaves is the one differentiating everything would give.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 
 from earthgptx_jax import batch as batch_lib
-from earthgptx_jax import perf, sharding, trainer
+from earthgptx_jax import optim, perf, sharding, trainer
 from tests.model_fixtures import random_batch, tiny_config
 from tests.test_flops import small_config
 
@@ -70,8 +68,12 @@ def test_frozen_encoders_get_no_backward_pass():
 
 
 @pytest.mark.slow
-def test_frozen_step_updates_trainable_leaves_as_before():
-  """Against the reference: differentiate every leaf, let the optimizer zero the frozen ones."""
+def test_frozen_step_gradients_equal_differentiating_everything():
+  """Against the reference, differentiating every leaf: the same gradient for each trainable
+  leaf, at each of three steps' states; frozen leaves never change, trainable ones do.
+
+  Gradients, not the parameters after Adam, are compared: a leaf whose gradient is ~1e-10 (float
+  noise) gets an Adam step of ~lr * g / eps that differs between any two summation orders."""
   config = tiny_config(frozen_patterns=(r"^params/vision/convnext/", r"^params/llm/.*/mlp/"),
                        warmup_steps=0)
   mesh = _mesh()
@@ -79,25 +81,27 @@ def test_frozen_step_updates_trainable_leaves_as_before():
   optimizer = trainer.make_optimizer(config, model)
   state, state_sh = trainer.create_state(model, optimizer, config, mesh, jax.random.key(0))
   step = trainer.make_train_step(model, optimizer, config, mesh, state_sh, NUM_TASKS)
+  live = optim.trainable_mask(state.trainable, tuple(config.train.frozen_patterns))
 
   @jax.jit
-  def reference(trainable, opt_state, batch):
-    grads, _ = jax.grad(lambda t: trainer.compute_losses(model, config, t, batch, NUM_TASKS),
-                        has_aux=True)(trainable)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state
+  def reference_grads(trainable, batch):
+    return jax.grad(lambda t: trainer.compute_losses(model, config, t, batch, NUM_TASKS),
+                    has_aux=True)(trainable)[0]
 
+  grads_fn = jax.jit(step.grads_and_metrics)
   start = jax.tree.map(np.asarray, state.trainable)
-  ref_trainable, ref_opt = jax.tree.map(jnp.copy, state.trainable), state.opt_state
   for seed in range(3):
     batch = trainer.global_batch(random_batch(config, config.train.batch_size, seed=seed),
                                  config, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-      ref_trainable, ref_opt = reference(ref_trainable, ref_opt, batch)
+      want = reference_grads(state.trainable, batch)
+      got, _ = grads_fn(state.trainable, batch)
+    for is_live, a, b in zip(jax.tree.leaves(live), jax.tree.leaves(want), jax.tree.leaves(got)):
+      if is_live:
+        a = np.asarray(a)
+        np.testing.assert_allclose(np.asarray(b), a, rtol=1e-4, atol=1e-4 * np.abs(a).max() + 1e-9)
     state, metrics = step(state, batch)
     assert not bool(metrics["update_skipped"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               jax.tree.map(np.asarray, ref_trainable), jax.tree.map(np.asarray, state.trainable))
   convnext = jax.tree.leaves(start["params"]["vision"]["convnext"])
   after = jax.tree.leaves(jax.tree.map(np.asarray, state.params["vision"]["convnext"]))
   assert all(np.array_equal(a, b) for a, b in zip(convnext, after))
