@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from earthgptx_jax import tasks
+
 ConfigDict = ml_collections.ConfigDict
 placeholder = ml_collections.config_dict.placeholder
 
@@ -184,6 +186,10 @@ def _data() -> ConfigDict:
   data.sources = ConfigDict({
       f"synthetic_{m}": ConfigDict(dict(dataset=f"synthetic_rs/{m}", weight=1.0))
       for m in ("optical", "sar", "infrared")})
+  # Mix by (source, task) instead of by source: each task gets its task_weights share of the
+  # batches whatever its share of the stored records (pipeline.task_components).
+  data.mix_tasks = False
+  data.task_weights = ConfigDict({task: 1.0 for task in tasks.NAMES})
   # Tasks of the alignment stage (train.alignment_steps; pipeline.StagedBatchIterator).
   data.alignment_tasks = ("scene_classification", "image_caption", "referring_segmentation")
   data.num_workers = 8  # grain mp_prefetch worker processes; 0: in-process
@@ -209,6 +215,9 @@ def _train() -> ConfigDict:
   train.steps = 10000
   train.learning_rate = 2e-5
   train.warmup_steps = 300
+  # How the answer CE averages (losses.answer_cross_entropy): "token" over all answer tokens
+  # (LISA's), "example" over examples, so a one-word answer weighs as much as a caption.
+  train.answer_ce = "token"
   # The first alignment_steps batches hold only data.alignment_tasks (image-level questions and
   # masks); 0: one stage, as the paper trains from pretrained encoders.
   train.alignment_steps = 0
