@@ -2,8 +2,8 @@
 
 The main job (1500 steps: 300 of scene classification, image captions and referring
 segmentation, then the whole mixture by task; 3000 records a sensor; 110 held-out examples of
-every task; 2 CPU cores) measured the figures beside `THRESHOLDS` (docs/experiments.md). Each task's headline is
-asserted at about 80 % of its measure (`THRESHOLDS`); the test prints the table.
+every task; 2 CPU cores) measured the figures beside `THRESHOLDS` (docs/experiments.md); each
+task's headline is asserted at about 80 % of its measure, and the test prints the table.
 
 Referring classification and box grounding also have runs of their own, pinned to the recipe
 they were measured with (1000 records a sensor, answer CE by token, mixed by source, no
