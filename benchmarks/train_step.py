@@ -67,7 +67,12 @@ def torch_loss(config, batch, logits, mask_logits, boxes, cell_logits):
   loss_mask = batch["loss_mask"].bool()
   nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].long().flatten(),
                                           reduction="none").view(loss_mask.shape)
-  ce = (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+  if config.train.get("answer_ce", "token") == "example":  # losses.answer_cross_entropy
+    count = loss_mask.sum(-1)
+    per_example = (nll * loss_mask).sum(-1) / count.clamp(min=1)
+    ce = per_example.sum() / (count > 0).sum().clamp(min=1)
+  else:
+    ce = (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
   valid = batch["seg_valid"].bool()
   keep = valid[:, :, None, None]
   x = torch.where(keep, mask_logits, torch.zeros_like(mask_logits))

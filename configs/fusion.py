@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from earthgptx_jax import tasks
+
 ConfigDict = ml_collections.ConfigDict
 placeholder = ml_collections.config_dict.placeholder
 
@@ -184,6 +186,10 @@ def _data() -> ConfigDict:
   data.sources = ConfigDict({
       f"synthetic_{m}": ConfigDict(dict(dataset=f"synthetic_rs/{m}", weight=1.0))
       for m in ("optical", "sar", "infrared")})
+  # Mix by (source, task) instead of by source: each task gets its task_weights share of the
+  # batches whatever its share of the stored records (pipeline.task_components).
+  data.mix_tasks = False
+  data.task_weights = ConfigDict({task: 1.0 for task in tasks.NAMES})
   # Tasks of the alignment stage (train.alignment_steps; pipeline.StagedBatchIterator).
   data.alignment_tasks = ("scene_classification", "image_caption", "referring_segmentation")
   data.num_workers = 8  # grain mp_prefetch worker processes; 0: in-process
@@ -209,6 +215,9 @@ def _train() -> ConfigDict:
   train.steps = 10000
   train.learning_rate = 2e-5
   train.warmup_steps = 300
+  # How the answer CE averages (losses.answer_cross_entropy): "token" over all answer tokens
+  # (LISA's), "example" over examples, so a one-word answer weighs as much as a caption.
+  train.answer_ce = "token"
   # The first alignment_steps batches hold only data.alignment_tasks (image-level questions and
   # masks); 0: one stage, as the paper trains from pretrained encoders.
   train.alignment_steps = 0
@@ -222,6 +231,8 @@ def _train() -> ConfigDict:
   train.grad_accum_steps = 1
   train.eval_every_steps = 2000  # 0: evaluate only at the end
   train.eval_examples = 1000
+  # At most this many of them per task (pipeline.make_eval_iterator); None: no cap.
+  train.eval_examples_per_task = placeholder(int)
   # XLA's persistent compilation cache: resumed and repeated runs reuse compiled steps.
   train.compilation_cache_dir = "~/.cache/earthgptx_jax/jax_cache"
   # Per-job FLOP/s for MFU; None measures a matmul peak at start.
@@ -341,13 +352,19 @@ PRESETS: dict[str, dict[str, Any]] = {
             head=True, dim=32, dtype="float32"),
         "data": dict(
             max_length=256, num_workers=0,
-            synthetic=dict(num_train=1000, num_eval=100, min_size=80, max_size=112,
+            # Batches by task, weighted toward the tasks that need the image most
+            # (docs/experiments.md).
+            mix_tasks=True,
+            task_weights=dict(vqa=0.5, referring_classification=1.5, relation_reasoning=1.5,
+                              box_grounding=2.0),
+            synthetic=dict(num_train=3000, num_eval=400, min_size=80, max_size=112,
                            num_land_cover=4, max_objects=4)),
         "train": dict(
-            batch_size=8, steps=1000, learning_rate=1e-3, warmup_steps=20,
+            batch_size=8, steps=1500, learning_rate=1e-3, warmup_steps=20,
             alignment_steps=300,  # random-init encoders need it (docs/experiments.md)
+            answer_ce="example",  # a class name weighs as much as a caption
             flat_optimizer=True, eval_every_steps=0,
-            eval_examples=300,  # the whole held-out split
+            eval_examples=1000, eval_examples_per_task=110,  # >= 100 of every task
             frozen_patterns=()),  # nothing pretrained to keep
         "checkpoint.every_steps": 100,
     },

@@ -4,7 +4,9 @@
               (records process_index::process_count) -> shuffled, reshuffled every epoch,
               endless
   IterDataset.mix({name: source}, weights)     each component keeps its own position in the
-                                               checkpointed state
+                                               checkpointed state; with data.mix_tasks one
+                                               component per (source, task), weighted by
+                                               data.task_weights (task_components)
   -> map(ExampleProcessor)    examples.py: decode, validate, preprocess, zoom views, prompts,
                               template + tokenisation with the answer-only loss mask, padding
   -> skip bad records         bad_records.py: counted per reason, logged, attached to the next
@@ -181,26 +183,76 @@ def mixed_records(config: ml_collections.ConfigDict, split: str, process_index: 
   of `tasks` when given)."""
   opened = {name: sources.data_source(config, name, split) for name in sources.weights(config)}
   sizes = {name: len(source) for name, source in opened.items()}
-  records = mixed_indices(config, sizes, process_index, process_count).map(_Read(opened))
-  return records.filter(_HasTask(tasks)) if tasks is not None else records
+  by_task = bool(config.data.get("mix_tasks", False))
+  records = mixed_indices(config, sizes, process_index, process_count,
+                          tasks if by_task else None).map(_Read(opened))
+  return records.filter(_HasTask(tasks)) if tasks is not None and not by_task else records
 
 
 def mixed_indices(config: ml_collections.ConfigDict, sizes: Mapping[str, int], process_index: int,
-                  process_count: int) -> grain.IterDataset:
+                  process_count: int, tasks: Sequence[str] | None = None) -> grain.IterDataset:
   """Endless weighted mixture of (component name, record index) over this process's shards.
 
   Each component is shuffled (differently every epoch) and repeated, so the mixture never
   ends; `IterDataset.mix` over a dict keeps each component's position in the state.
   """
   weights = sources.weights(config)
+  shards = {name: _shard(sizes[name], name, process_index, process_count) for name in weights}
+  if config.data.get("mix_tasks", False):
+    parts = task_components(config, shards, tasks)
+  else:
+    parts = {name: (name, shard, weight) for (name, weight), shard in
+             zip(weights.items(), shards.values())}
   components = {}
-  for k, name in enumerate(weights):
-    ds = _EpochShuffled(name, _shard(sizes[name], name, process_index, process_count),
-                        seed=int(config.seed) * 1009 + k)
+  for k, (key, (name, indices, _)) in enumerate(parts.items()):
+    ds = _EpochShuffled(name, indices, seed=int(config.seed) * 1009 + k)
     # Indices are free to produce: no read threads (records are read after the mix).
-    components[name] = ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
-                                                            prefetch_buffer_size=0))
-  return grain.IterDataset.mix(components, weights)
+    components[key] = ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
+                                                           prefetch_buffer_size=0))
+  return grain.IterDataset.mix(components, {key: w for key, (_, _, w) in parts.items()})
+
+
+def task_components(config: ml_collections.ConfigDict, shards: Mapping[str, Sequence[int]],
+                    tasks: Sequence[str] | None = None
+                    ) -> dict[str, tuple[str, np.ndarray, float]]:
+  """Mixture components by (source, task): "source/task" -> (source, record indices, weight).
+
+  Task t gets the share data.task_weights[t] / (their sum over the tasks present) of the
+  mixture, whatever its share of the stored records; within a task, the sources that hold it
+  split it by their source weights. Equal weights interleave the components evenly (grain's
+  mix is a deterministic interleave; keys sort source-major), so every batch of len(TASKS)
+  examples holds each task once. The task of every record of this process's shard is read
+  once, here (~0.2 ms a record). `tasks` (the alignment stage's) keeps only those.
+  """
+  task_weights = {t: float(config.data.task_weights.get(t, 0.0)) for t in schema.TASKS}
+  unknown = sorted(set(config.data.task_weights) - set(schema.TASKS))
+  if unknown or any(w < 0 for w in task_weights.values()):
+    raise ValueError(f"data.task_weights: {dict(config.data.task_weights)!r} must be >= 0 and "
+                     f"name tasks of {schema.TASKS} (unknown: {unknown})")
+  if tasks is not None:
+    task_weights = {t: (w if t in tasks else 0.0) for t, w in task_weights.items()}
+  source_weights = sources.weights(config)
+  by_task: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+  for name, shard in shards.items():
+    source = sources.data_source(config, name, config.data.train_split)
+    indices = np.asarray(shard, np.int64)
+    record_tasks = np.asarray([schema.feature_text(source[int(i)]["task"]) for i in indices])
+    for task in schema.TASKS:
+      if task_weights[task] > 0 and (record_tasks == task).any():
+        by_task[task][name] = indices[record_tasks == task]
+  if not by_task:
+    raise ValueError(f"data.task_weights: {dict(config.data.task_weights)!r} gives no stored "
+                     "task a positive weight")
+  total = sum(task_weights[t] for t in by_task)
+  parts = {}
+  for task in schema.TASKS:
+    if task not in by_task:
+      continue
+    mass = sum(source_weights[n] for n in by_task[task])
+    for name, indices in by_task[task].items():
+      share = task_weights[task] / total * source_weights[name] / mass
+      parts[f"{name}/{task}"] = (name, indices, share)
+  return parts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,11 +268,21 @@ class EvalBatch(NamedTuple):
 def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer, split: str | None = None,
                        process_index: int = 0, process_count: int = 1,
                        batch_size: int | None = None,
-                       max_examples: int | None = None) -> Iterator[EvalBatch]:
+                       max_examples: int | None = None,
+                       max_per_task: int | None = None) -> Iterator[EvalBatch]:
   """One pass over the held-out split of every source (this process's shard), the sources
   interleaved round-robin so any prefix (`max_examples`) is balanced, in batches padded to a
-  static shape; bad records are skipped and logged."""
+  static shape; bad records are skipped and logged.
+
+  `max_per_task` (default train.eval_examples_per_task; None or 0: no cap) stratifies by task:
+  records of a task that already has that many examples are passed over, so a split whose
+  tasks are drawn at random still evaluates each task on about as many examples.
+  """
   batch_size = int(batch_size or config.train.batch_size)
+  if max_per_task is None:
+    max_per_task = config.train.get("eval_examples_per_task", None)
+  max_per_task = int(max_per_task or 0)
+  per_task: collections.Counter = collections.Counter()
   processor = examples.ExampleProcessor(config, tokenizer)
   opened = eval_sources(config, split or config.data.eval_split)
   shards = [(opened[n], iter(_shard(len(opened[n]), n, process_index, process_count)))
@@ -242,11 +304,17 @@ def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer, split: str 
       continue
     shards.append((source, indices))
     features = source[index]
+    if max_per_task:
+      task = schema.feature_text(features["task"])
+      if per_task[task] >= max_per_task:
+        continue
     example = processor(features)
     if isinstance(example, bad_records.BadRecord):
       logging.warning("skipping bad eval record (%s): %s", example.reason, example.message)
       continue
     seen += 1
+    if max_per_task:
+      per_task[task] += 1
     rows.append(example)
     records.append(schema.from_features(features))
     if len(rows) == batch_size:
@@ -296,7 +364,7 @@ class _EpochShuffled(grain.MapDataset):
   repeat, whose per-element index_shuffle costs ~1 ms here, more than reading a record.
   """
 
-  def __init__(self, name: str, indices: range, seed: int):
+  def __init__(self, name: str, indices: Sequence[int], seed: int):
     super().__init__()
     self.name, self.indices, self.seed = name, indices, seed
     self._epoch, self._order = -1, None
@@ -314,7 +382,7 @@ class _EpochShuffled(grain.MapDataset):
     if epoch != self._epoch:
       self._epoch = epoch
       self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
-    return self.name, self.indices[self._order[position]]
+    return self.name, int(self.indices[self._order[position]])
 
 
 class _Read:

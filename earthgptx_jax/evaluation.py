@@ -206,4 +206,16 @@ def with_data(config: ml_collections.ConfigDict, *, data_dir: str | None = None,
 
 
 def format_summary(flat: Mapping[str, float]) -> str:
-  return " ".join(f"{k} {v:.3f}" for k, v in sorted(flat.items()) if not k.endswith("/n"))
+  """The progress line of an evaluation (`summarize`'s dict): the score, then each task's
+  headline metric with its chance level (if the task has one) and example count, in tasks.py
+  order, so the task that lags reads at a glance. TensorBoard gets every metric."""
+  parts = [f"score {flat.get('score', 0.0):.3f}"]
+  for task in tasks.TASKS:
+    value = flat.get(f"{task.name}/{task.headline}")
+    if value is None:
+      continue
+    chance = flat.get(f"{task.name}/chance")
+    parts.append(f"{task.name} {task.headline} {value:.3f}"
+                 + (f" (chance {chance:.2f})" if chance is not None else "")
+                 + f" n={int(flat.get(f'{task.name}/n', 0))}")
+  return " | ".join(parts)

@@ -28,6 +28,25 @@ DICE_EPS = 1e-6
 BOX_EPS = 1e-7
 
 
+def answer_cross_entropy(loss_sum: jax.Array, count: jax.Array, normalization: str) -> jax.Array:
+  """The answer CE of a batch from its per-example sums and token counts.
+
+  "token": the mean over all answer tokens of the batch (LISA's); a long answer (a caption)
+  weighs as many times as it has tokens. "example": the mean over examples (with any answer
+  token) of each example's own mean, so a one-word answer (a class, a count, a [BOX]) weighs as
+  much as a caption: in a task mixture the image-level words then do not drown the short
+  answers that need the image (docs/experiments.md).
+  """
+  if normalization == "token":
+    return loss_sum.sum() / jnp.maximum(count.sum(), 1.0)
+  if normalization == "example":
+    has = count > 0
+    per_example = jnp.where(has, loss_sum / jnp.maximum(count, 1.0), 0.0)
+    return per_example.sum() / jnp.maximum(has.sum().astype(jnp.float32), 1.0)
+  raise ValueError(f"train.answer_ce: unknown value {normalization!r}; expected 'token' or "
+                   "'example'")
+
+
 def token_cross_entropy_per_example(logits: jax.Array, targets: jax.Array,
                                     loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy and token count per example.

@@ -120,7 +120,8 @@ def compute_losses(model, config, trainable, batch, num_tasks: int):
   box_valid = out.box_valid & batch["box_valid"]
   box = losses.box_losses(out.boxes, batch["box_targets"], box_valid)
   terms = {
-      "ce": ce_sum.sum() / jnp.maximum(ce_count.sum(), 1.0),
+      "ce": losses.answer_cross_entropy(ce_sum, ce_count,
+                                        str(config.train.get("answer_ce", "token"))),
       "mask_bce": mask["bce"],
       "mask_dice": mask["dice"],
       "box_l1": box["l1"],

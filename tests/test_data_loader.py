@@ -235,6 +235,53 @@ def test_mixing_proportions_within_2_percent(config):
                                            "synthetic_rs_infrared")
 
 
+def test_task_mixing_weights_tasks_and_every_batch_carries_each(config, tokenizer, tmp_path):
+  """data.mix_tasks: the mixture is over (source, task); equal task weights put every task in
+  each batch of len(TASKS) examples whatever the stored task shares, a task's weight sets its
+  share, a zero weight leaves it out, and the position resumes exactly through Orbax."""
+  mixed = config.copy_and_resolve_references()
+  mixed.data.mix_tasks = True
+  for task in schema.TASKS:
+    mixed.data.task_weights[task] = 1.0
+  mixed.train.batch_size = len(schema.TASKS)
+  it = pipeline.make_train_iterator(mixed, tokenizer)
+  for _ in range(6):
+    assert sorted(next(it)["task_id"].tolist()) == list(range(len(schema.TASKS)))
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as mngr:
+    mngr.save(6, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    expected = [next(it) for _ in range(3)]
+    fresh = pipeline.make_train_iterator(mixed, tokenizer)
+    mngr.restore(6, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+  _assert_continues_with(fresh, expected)
+
+  mixed.data.task_weights.box_grounding = 3.0
+  mixed.data.task_weights.vqa = 0.0
+  sizes = {name: config.data.synthetic.num_train for name in mixed.data.sources}
+  indices = iter(pipeline.mixed_indices(mixed, sizes, 0, 1))
+  opened = {name: sources.data_source(mixed, name, "train") for name in mixed.data.sources}
+  counts = collections.Counter(schema.feature_text(opened[name][index]["task"])
+                               for name, index in (next(indices) for _ in range(2000)))
+  assert counts["vqa"] == 0
+  assert abs(counts["box_grounding"] / 2000 - 3 / 9) < 0.02, counts
+  assert abs(counts["scene_classification"] / 2000 - 1 / 9) < 0.02, counts
+  mixed.data.task_weights.land_cover = 1.0
+  with pytest.raises(ValueError, match="data.task_weights.*land_cover"):
+    pipeline.mixed_indices(mixed, sizes, 0, 1)
+
+
+def test_eval_examples_per_task_caps_each_task(config, tokenizer):
+  capped = config.copy_and_resolve_references()
+  capped.train.eval_examples_per_task = 2
+  tasks = [r.task for b in pipeline.make_eval_iterator(capped, tokenizer) for r in b.records
+           if r is not None]
+  counts = collections.Counter(tasks)
+  everything = collections.Counter(
+      r.task for b in pipeline.make_eval_iterator(config, tokenizer) for r in b.records
+      if r is not None)
+  assert counts == {t: min(n, 2) for t, n in everything.items()}, (counts, everything)
+
+
 def _assert_continues_with(iterator, expected_batches):
   for want in expected_batches:
     got = next(iterator)

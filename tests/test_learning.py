@@ -1,18 +1,18 @@
 """The README's main job end to end: train the tiny preset on synthetic_rs, then score it.
 
-Thresholds sit about half of what this command measured (1000 steps, the first 300 of them the
-alignment stage; all 300 held-out examples; 2 CPU cores; with the box head): image_caption
-CIDEr 2.03, region_caption CIDEr 1.47, VQA accuracy 0.59, referring-segmentation gIoU 0.146, scene
-classification 0.44 (chance 0.25, asserted at 0.33), score 0.66. An untrained model scores ~0 on
-each. In that mixed budget referring classification (0.17 on 30 examples, chance 0.20), relation
-(0.0) and box Acc@0.5 (0.02) stay near chance; they are reported in metrics.json, not asserted
-there. Referring
-classification has its own run below: trained on it alone for 600 steps, the tiny model names the
-prompted object on 0.54 of 95 held-out examples (asserted at 0.35; without the region features,
-`model.prompt.region.sources=()`, the same run gives 0.20 (19 of 95, the class prior)). Box
-grounding has its own run too: trained on it alone for 600 steps, the box head finds the named
-object at Acc@0.5 0.287 on 115 held-out examples (asserted at 0.15), where boxes spelled out as
-text tokens stayed at 0.0.
+The main job (1500 steps: 300 of scene classification, image captions and referring
+segmentation, then the whole mixture by task; 3000 records a sensor; 110 held-out examples of
+every task; 2 CPU cores) measured the figures beside `THRESHOLDS` (docs/experiments.md); each
+task's headline is asserted at about 80 % of its measure, and the test prints the table.
+
+Referring classification and box grounding also have runs of their own, pinned to the recipe
+they were measured with (1000 records a sensor, answer CE by token, mixed by source, no
+per-task eval cap): trained on referring classification alone for 600 steps, the tiny model
+names the prompted object on 0.54 of 95 held-out examples (asserted at 0.35; without the region
+features, `model.prompt.region.sources=()`, the same run gives 0.20 (19 of 95, the class
+prior)); trained on box grounding alone, the box head finds the named object at Acc@0.5 0.287
+on 115 held-out examples (asserted at 0.15), where boxes spelled out as text tokens stayed at
+0.0.
 """
 
 import json
@@ -22,6 +22,8 @@ import subprocess
 import sys
 
 import pytest
+
+from earthgptx_jax import evaluation, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,19 +40,48 @@ def _train_tiny(tmp_path, *overrides: str) -> dict:
   return json.loads((workdir / "metrics.json").read_text())
 
 
+# Each task's headline (tasks.py) asserted at about 80 % of what the main job measured
+# (docs/experiments.md), with the chance level where the task has one.
+THRESHOLDS = {
+    "scene_classification": 0.38,  # measured 0.482, chance 0.25
+    "image_caption": 0.85,  # 1.059
+    "vqa": 0.35,  # 0.436
+    "referring_classification": 0.22,  # 0.264, chance 0.20
+    "region_caption": 1.4,  # 1.770
+    "relation_reasoning": 0.0,  # 0.0: not learned yet (docs/experiments.md)
+    "box_grounding": 0.23,  # 0.291
+    "referring_segmentation": 0.2,  # 0.248
+}
+
+
+# The recipe the single-task runs were measured with (before the main job's mixture by task).
+SINGLE_TASK_RECIPE = ("--config.data.synthetic.num_train=1000", "--config.train.answer_ce=token",
+                      "--config.data.mix_tasks=False",
+                      "--config.train.eval_examples_per_task=0")
+
+
+def _table(metrics: dict) -> str:
+  """task, metric, value, chance, n of a metrics.json: the README's results table."""
+  lines = ["| task | metric | value | chance | n |", "|---|---|---|---|---|"]
+  for task in tasks.TASKS:
+    chance = metrics.get(f"eval/{task.name}/chance")
+    lines.append(f"| {task.name} | {task.headline} | "
+                 f"{metrics.get(f'eval/{task.name}/{task.headline}', float('nan')):.3f} | "
+                 f"{'-' if chance is None else f'{chance:.2f}'} | "
+                 f"{int(metrics.get(f'eval/{task.name}/n', 0))} |")
+  return "\n".join(lines)
+
+
 @pytest.mark.slow
-def test_tiny_preset_learns_on_synthetic_data(tmp_path):
+def test_tiny_preset_learns_every_task_together(tmp_path):
+  """The README's main job as a user runs it: one stage over the whole task mixture, one set of
+  weights, every task scored on >= 100 held-out examples."""
   metrics = _train_tiny(tmp_path)
-  assert metrics["step"] == 1000
-  assert metrics["eval/image_caption/CIDEr"] >= 1.0
-  assert metrics["eval/region_caption/CIDEr"] >= 0.7
-  assert metrics["eval/vqa/vqa_accuracy"] >= 0.3
-  assert metrics["eval/referring_segmentation/gIoU"] >= 0.07
-  assert metrics["eval/scene_classification/accuracy"] >= 0.33
-  assert metrics["eval/score"] >= 0.35
-  # Answer-token CE over the last log interval: 0.57 measured, ~6.1 (ln 512) at the start. The
-  # total also holds the mask and box terms (3.24 measured; the box cell CE alone is ~1.9).
-  assert metrics["ce"] < 1.2
+  print("\n" + _table(metrics))
+  assert metrics["step"] == 1500
+  for task in tasks.TASKS:
+    assert metrics[f"eval/{task.name}/n"] >= 100, task.name
+    assert metrics[f"eval/{task.name}/{task.headline}"] >= THRESHOLDS[task.name], task.name
 
 
 @pytest.mark.slow
@@ -61,7 +92,8 @@ def test_tiny_preset_learns_to_name_the_prompted_object(tmp_path):
   sensor, of which 95 are referring examples."""
   metrics = _train_tiny(tmp_path, "--config.train.steps=600", "--config.train.alignment_steps=600",
                         "--config.data.alignment_tasks=('referring_classification',)",
-                        "--config.data.synthetic.num_eval=300", "--config.train.eval_examples=900")
+                        "--config.data.synthetic.num_eval=300", "--config.train.eval_examples=900",
+                        *SINGLE_TASK_RECIPE)
   assert metrics["eval/referring_classification/n"] >= 80
   assert metrics["eval/referring_classification/accuracy"] >= 0.35  # chance 0.2
 
@@ -74,7 +106,19 @@ def test_tiny_preset_learns_to_ground_the_named_object(tmp_path):
   examples of 300 eval records per sensor."""
   metrics = _train_tiny(tmp_path, "--config.train.steps=600", "--config.train.alignment_steps=600",
                         "--config.data.alignment_tasks=('box_grounding',)",
-                        "--config.data.synthetic.num_eval=300", "--config.train.eval_examples=900")
+                        "--config.data.synthetic.num_eval=300", "--config.train.eval_examples=900",
+                        *SINGLE_TASK_RECIPE)
   assert metrics["eval/box_grounding/n"] >= 100
   assert metrics["eval/box_grounding/Acc@0.5"] >= 0.15  # measured 0.287
   assert metrics["eval/box_grounding/mean_IoU"] >= 0.15  # measured 0.270
+
+
+def test_the_eval_progress_line_reads_each_task_headline_with_chance_and_n():
+  """What a user watching training reads after each evaluation (train.eval_every_steps): every
+  task's headline in tasks.py order, its chance beside it where it has one, and its n."""
+  flat = {"score": 0.5, "scene_classification/accuracy": 0.75, "scene_classification/chance": 0.25,
+          "scene_classification/n": 110.0, "box_grounding/Acc@0.5": 0.3,
+          "box_grounding/mean_IoU": 0.28, "box_grounding/n": 110.0}
+  line = evaluation.format_summary(flat)
+  assert line == ("score 0.500 | scene_classification accuracy 0.750 (chance 0.25) n=110 | "
+                  "box_grounding Acc@0.5 0.300 n=110")

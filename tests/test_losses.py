@@ -102,6 +102,23 @@ def test_token_cross_entropy_matches_torch_on_answer_tokens_only():
   assert np.all(np.asarray(g) == 0)
 
 
+def test_answer_cross_entropy_by_token_or_by_example():
+  """"token" weighs each answer token alike (a 4-token caption counts 4 times a class name);
+  "example" weighs each example alike; examples without answer tokens count in neither, and a
+  batch without any gives 0 with a zero gradient."""
+  loss_sum = jnp.array([4.0, 1.0, 0.0])  # a 4-token answer at mean 1, a 1-token one, nothing
+  count = jnp.array([4.0, 1.0, 0.0])
+  loss_sum = loss_sum.at[1].set(3.0)  # the one-word answer is worse: 3
+  assert float(losses.answer_cross_entropy(loss_sum, count, "token")) == pytest.approx(7 / 5)
+  assert float(losses.answer_cross_entropy(loss_sum, count, "example")) == pytest.approx(2.0)
+  zero = jnp.zeros(3)
+  g = jax.grad(lambda x: losses.answer_cross_entropy(x, zero, "example"))(loss_sum)
+  assert float(losses.answer_cross_entropy(loss_sum * 0, zero, "example")) == 0.0
+  assert np.all(np.asarray(g) == 0)
+  with pytest.raises(ValueError, match="train.answer_ce.*'tokens'"):
+    losses.answer_cross_entropy(loss_sum, count, "tokens")
+
+
 def test_per_task_mean_and_weighted_total():
   values = jnp.array([2.0, 4.0, 9.0, 1.0])
   counts = jnp.array([1.0, 3.0, 3.0, 0.0])
