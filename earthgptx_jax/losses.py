@@ -35,7 +35,8 @@ def answer_cross_entropy(loss_sum: jax.Array, count: jax.Array, normalization: s
   weighs as many times as it has tokens. "example": the mean over examples (with any answer
   token) of each example's own mean, so a one-word answer (a class, a count, a [BOX]) weighs as
   much as a caption: in a task mixture the image-level words then do not drown the short
-  answers that need the image (docs/experiments.md).
+  answers that need the image (docs/experiments.md). "sqrt": examples weighted by the square
+  root of their answer tokens, between the two.
   """
   if normalization == "token":
     return loss_sum.sum() / jnp.maximum(count.sum(), 1.0)
@@ -43,8 +44,12 @@ def answer_cross_entropy(loss_sum: jax.Array, count: jax.Array, normalization: s
     has = count > 0
     per_example = jnp.where(has, loss_sum / jnp.maximum(count, 1.0), 0.0)
     return per_example.sum() / jnp.maximum(has.sum().astype(jnp.float32), 1.0)
-  raise ValueError(f"train.answer_ce: unknown value {normalization!r}; expected 'token' or "
-                   "'example'")
+  if normalization == "sqrt":
+    weight = jnp.sqrt(count)  # between the two: a 16-token caption weighs 4 one-word answers
+    per_example = loss_sum / jnp.maximum(count, 1.0)
+    return (weight * per_example).sum() / jnp.maximum(weight.sum(), 1.0)
+  raise ValueError(f"train.answer_ce: unknown value {normalization!r}; expected 'token', "
+                   "'example' or 'sqrt'")
 
 
 def token_cross_entropy_per_example(logits: jax.Array, targets: jax.Array,

@@ -111,9 +111,13 @@ def test_answer_cross_entropy_by_token_or_by_example():
   loss_sum = loss_sum.at[1].set(3.0)  # the one-word answer is worse: 3
   assert float(losses.answer_cross_entropy(loss_sum, count, "token")) == pytest.approx(7 / 5)
   assert float(losses.answer_cross_entropy(loss_sum, count, "example")) == pytest.approx(2.0)
+  # "sqrt": the 4-token answer weighs 2, the one-word answer 1: (2 * 1 + 1 * 3) / 3.
+  assert float(losses.answer_cross_entropy(loss_sum, count, "sqrt")) == pytest.approx(5 / 3)
   zero = jnp.zeros(3)
   g = jax.grad(lambda x: losses.answer_cross_entropy(x, zero, "example"))(loss_sum)
   assert float(losses.answer_cross_entropy(loss_sum * 0, zero, "example")) == 0.0
+  assert np.all(np.asarray(g) == 0)
+  g = jax.grad(lambda x: losses.answer_cross_entropy(x, zero, "sqrt"))(loss_sum)
   assert np.all(np.asarray(g) == 0)
   with pytest.raises(ValueError, match="train.answer_ce.*'tokens'"):
     losses.answer_cross_entropy(loss_sum, count, "tokens")
