@@ -164,6 +164,20 @@ def bench_decode(config, batches, new_tokens: int, prompt_len: int, bandwidth: f
   return rows
 
 
+def bench_loop(steps: int = 20) -> dict | None:
+  """The training loop's time per step over its compiled step's, tiny preset (benchmarks/loop.py,
+  target <= 1.1x); None (and the error) if it cannot run here."""
+  from benchmarks import loop  # its imports (the data pipeline) are needed only here
+  try:
+    r = loop.run("tiny", steps=steps)
+  except Exception as e:  # noqa: BLE001 — the other figures are still worth writing
+    print(f"loop ratio: not measured ({type(e).__name__}: {e})", flush=True)
+    return None
+  print(f"loop, tiny: {r['loop_step_s'] * 1e3:.1f} ms/step vs compiled step "
+        f"{r['compiled_step_s'] * 1e3:.1f} ms: {r['ratio']:.2f}x (target <= 1.1x)", flush=True)
+  return r
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="gpu1b", help="configs/fusion.py preset")
@@ -229,7 +243,7 @@ def main():
                 jax=jax.__version__, measured_gemm_flop_s=measured_peak,
                 measured_read_bytes_s=bandwidth, vendor_peak_flop_s=vendor_peak,
                 vendor_bandwidth_bytes_s=vendor_bw, train=train, decode=decode,
-                peak_device_bytes=peak_bytes, peak_rss_gb=peak_rss_gb(),
+                peak_device_bytes=peak_bytes, peak_rss_gb=peak_rss_gb(), loop=bench_loop(),
                 xla_flags=os.environ.get("XLA_FLAGS", ""))
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

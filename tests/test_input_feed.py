@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from earthgptx_jax import input_feed, sharding
+from earthgptx_jax import input_feed, sharding, trainer
 
 
 class _Counter(grain.DatasetIterator):
@@ -87,3 +87,15 @@ def test_one_process_holds_every_row_and_loads_the_configured_shards():
   assert input_feed.data_shards(_config(shards=2), mesh) == input_feed.DataShards((0, 1), 2, True)
   with pytest.raises(ValueError, match="data.shards: 3"):
     input_feed.data_shards(_config(shards=3), mesh)
+
+
+def test_a_local_batch_smaller_than_the_rows_the_devices_hold_raises():
+  # Before global_shape was given, 4 rows became a silent global batch of 4 (issue 25 item 3).
+  from model_fixtures import random_batch, tiny_config
+  config = tiny_config()
+  mesh = sharding.make_mesh((1, -1, 1))
+  half = random_batch(config, int(config.train.batch_size) // 2)
+  with pytest.raises(ValueError):
+    trainer.global_batch(half, config, mesh)
+  full = trainer.global_batch(random_batch(config, int(config.train.batch_size)), config, mesh)
+  assert full["input_ids"].shape[0] == int(config.train.batch_size)
