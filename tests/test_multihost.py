@@ -73,6 +73,12 @@ def _log(workdir):
           for line in (workdir / "train_log.jsonl").read_text().splitlines()]
 
 
+def _positions(checkpoint) -> list[str]:
+  """The data-position files in a checkpoint: one per process that saved it."""
+  return sorted(p.name for p in (checkpoint / "data_iter").iterdir()
+                if p.name.startswith("process_"))
+
+
 def _close(a, b, rel=1e-5):
   if isinstance(a, dict):
     assert a.keys() == b.keys()
@@ -116,8 +122,8 @@ def test_two_processes_train_and_evaluate_as_one(tmp_path, data_dir, single, mes
   assert any(k.startswith("eval/") for k in multi_metrics)
   _close(multi_metrics, metrics)  # the final evaluation's metrics too
   # Both processes saved their data position with every checkpoint.
-  assert sorted(p.name for p in (workdir / "checkpoints" / "2" / "data_iter").iterdir()) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+  assert _positions(workdir / "checkpoints" / "2") == ["process_0-of-2.json",
+                                                         "process_1-of-2.json"]
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, data_dir):
@@ -135,6 +141,6 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, data_dir):
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert len(steps) == 1 and steps[0] >= 2
   # One checkpoint, written by both at the same step: each process's data position is in it.
-  assert sorted(p.name for p in (workdir / "checkpoints" / str(steps[0]) / "data_iter")
-                .iterdir()) == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert _positions(workdir / "checkpoints" / str(steps[0])) == ["process_0-of-2.json",
+                                                                  "process_1-of-2.json"]
   assert f"preempted: checkpoint at step {steps[0]} written" in (tmp_path / "p0.err").read_text()
