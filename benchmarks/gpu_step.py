@@ -233,6 +233,20 @@ def _xla_options(args) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def bench_loop(steps: int = 20) -> dict | None:
+  """The training loop's time per step over its compiled step's, tiny preset (benchmarks/loop.py,
+  target <= 1.1x); None (and the error) if it cannot run here."""
+  from benchmarks import loop  # its imports (the data pipeline) are needed only here
+  try:
+    r = loop.run("tiny", steps=steps)
+  except Exception as e:  # noqa: BLE001 — the other figures are still worth writing
+    print(f"loop ratio: not measured ({type(e).__name__}: {e})", flush=True)
+    return None
+  print(f"loop, tiny: {r['loop_step_s'] * 1e3:.1f} ms/step vs compiled step "
+        f"{r['compiled_step_s'] * 1e3:.1f} ms: {r['ratio']:.2f}x (target <= 1.1x)", flush=True)
+  return r
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="gpu1b", help="configs/fusion.py preset")
@@ -315,6 +329,8 @@ def main():
   print("peak device memory: " + (f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes else
                                   f"not reported by {jax.default_backend()}; process peak RSS "
                                   f"{peak_rss_gb():.2f} GB"))
+  with stage("loop"):
+    report["loop"] = bench_loop()
   report["finished"] = True
   stage.write()
   print(f"wrote {stage.out}")

@@ -23,6 +23,8 @@ Rows (targets from issue 9):
             vs total / 8 (<= +5 %), on a 1 x 4 x 2 mesh: the tiny preset materialised (bytes of
             the shards resident on the fullest device) and the paper preset from its shardings
             (planned shard shapes; 7B does not fit this machine).
+  loop      the training loop's time per step (training.train_and_evaluate, tiny preset) over
+            its compiled step's, called back-to-back, in one run (<= 1.1x; benchmarks/loop.py).
 Timing discipline everywhere: warm-up (compile) outside the timings, several repetitions,
 the median, `block_until_ready` on our side, ours and the reference alternating so that load
 from other processes on a shared machine hits both alike. JSON of every figure goes to
@@ -40,7 +42,7 @@ import platform
 import subprocess
 import sys
 
-ROWS = ("train", "loader", "decode", "encoders", "fsdp", "infer")
+ROWS = ("train", "loader", "loop", "decode", "encoders", "fsdp", "infer")
 FSDP_DEVICES = 8
 # data x fsdp x tensor. Pure 8-way FSDP (1 x 8 x 1) cannot be laid out: the mask decoder's
 # 4-wide output heads (3 multimask + 1) carry an fsdp-mapped axis; 1 x 4 x 2 can.
@@ -86,6 +88,16 @@ def train_rows(args, results) -> list[dict]:
                      "ex/s", rate / r["examples_per_s"], "", ">= 5x",
                      "in-process (num_workers=0), tiny preset"))
   return rows
+
+
+def loop_rows(args, results) -> list[dict]:
+  from benchmarks import loop
+  r = loop.run("tiny", steps=10 if args.quick else 20, data_dir=args.data_dir,
+               batch_size=args.train_batch)
+  results["loop"] = r
+  return [_row(f"train loop per step / compiled step, tiny B={r['batch_size']} (s)",
+               r["loop_step_s"], r["compiled_step_s"], "s", r["ratio"], "", "<= 1.1x",
+               f"{r['steps']} steps; load average {r['load_average'][0]:.1f}")]
 
 
 def decode_rows(args, results) -> list[dict]:
@@ -250,7 +262,8 @@ def main():
                  jax=jax.__version__, torch=torch.__version__,
                  torch_threads=torch.get_num_threads(), backend=jax.default_backend())
   sections = (({"train", "loader"}, train_rows), ({"decode"}, decode_rows),
-              ({"encoders"}, encoder_rows), ({"fsdp"}, fsdp_rows), ({"infer"}, infer_rows))
+              ({"encoders"}, encoder_rows), ({"fsdp"}, fsdp_rows), ({"loop"}, loop_rows),
+              ({"infer"}, infer_rows))
   rows = []
   for names, measure in sections:
     if names & set(args.rows):

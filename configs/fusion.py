@@ -192,6 +192,11 @@ def _data() -> ConfigDict:
   data.task_weights = ConfigDict({task: 1.0 for task in tasks.NAMES})
   # Tasks of the alignment stage (train.alignment_steps; pipeline.StagedBatchIterator).
   data.alignment_tasks = ("scene_classification", "image_caption", "referring_segmentation")
+  # Train-data shards, each its own record stream and row block of the global batch; a process
+  # loads the shards of the rows its devices hold. None: one per distinct row block (one per
+  # process, or fewer when processes share rows). Fixed, the batches do not depend on how many
+  # processes run (training.DataShards).
+  data.shards = placeholder(int)
   data.num_workers = 8  # grain mp_prefetch worker processes; 0: in-process
   data.worker_buffer_size = 2  # batches buffered per worker
   data.max_bad_fraction = 0.01  # abort when more records than this are unusable
@@ -279,6 +284,9 @@ def base_config() -> ConfigDict:
   config.mesh = ConfigDict()
   config.mesh.shape = (1, -1, 1)
   config.mesh.axes = ("data", "fsdp", "tensor")
+  # Slices (TPU) or processes (GPU/CPU) per axis, e.g. (2, 1, 1): `shape` is then the mesh in
+  # one slice (sharding.make_mesh); None: one mesh over all devices. README "Multi-host".
+  config.mesh.dcn_shape = placeholder(tuple)
 
   config.checkpoint = ConfigDict()
   config.checkpoint.every_steps = 1000

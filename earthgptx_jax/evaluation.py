@@ -143,8 +143,12 @@ class Evaluator:
     config = self.config
     max_new = int(max_new_tokens or config.get("eval", {}).get("max_new_tokens", 32))
     samples = []
-    for eval_batch in data.eval_iterator(jax.process_index(), jax.process_count(), split=split,
-                                         max_examples=max_examples):
+    # On a mesh every process reads the whole split (the same batches): the generator splits
+    # each batch's rows over the devices and gathers what they generate, so every process
+    # scores every example and all compute the same metrics (process 0 writes them).
+    shard = ((0, 1) if self.generator.mesh is not None
+             else (jax.process_index(), jax.process_count()))
+    for eval_batch in data.eval_iterator(*shard, split=split, max_examples=max_examples):
       prompt_batch, _ = generate.truncate_to_question(eval_batch.batch,
                                                       int(config.model.token_ids.pad))
       generated = self.generator(params, prompt_batch, max_new_tokens=max_new)

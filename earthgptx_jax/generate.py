@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
 from earthgptx_jax import geometry, sharding, template
 from earthgptx_jax.models import decoding, earthgptx, llama, pixel
@@ -133,10 +134,10 @@ class Generator:
                 sink) -> Generated:
     ids = self.config.model.token_ids
     with contextlib.ExitStack() as stack:
-      if self.mesh is not None:  # params live on the training mesh: replicate the batch there
+      if self.mesh is not None:  # params live on the training mesh: split the batch there
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES))
-        batch = jax.device_put(dict(batch), sharding.replicated(self.mesh))
+        batch = _on_mesh(batch, self.mesh)
       else:  # device_put converts on the host; jnp.asarray compiles a program per dtype
         batch = jax.device_put(dict(batch))
       embeds, dense, box_features = self._prefill(params, batch)
@@ -149,8 +150,29 @@ class Generator:
       heads = self._heads(params, out.hidden_states, out.tokens, batch["pixel_values"],
                           dense, box_features)
       # Converted inside: the caller's sink is released only once every step has reached it.
-      return Generated(np.asarray(out.tokens), np.asarray(out.lengths),
-                       *(np.asarray(x) for x in heads))
+      return Generated(_to_host(out.tokens), _to_host(out.lengths),
+                       *(_to_host(x) for x in heads))
+
+
+def _on_mesh(batch: Mapping[str, Any], mesh) -> dict[str, jax.Array]:
+  """The whole batch, which every process holds, as global arrays split over data x fsdp like
+  the training batch (each process puts the rows its devices hold); replicated when the rows
+  do not split evenly (e.g. one prompt)."""
+  split = mesh.shape["data"] * mesh.shape["fsdp"]
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    target = (sharding.batch_sharding(mesh, v.ndim) if v.ndim and v.shape[0] % split == 0
+              else sharding.replicated(mesh))
+    out[k] = jax.make_array_from_callback(v.shape, target, lambda index, v=v: v[index])
+  return out
+
+
+def _to_host(x) -> np.ndarray:
+  """All of `x` as numpy on every process: gathered when other processes hold parts of it."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def answer_text(ids: Sequence[int], tokenizer, config: ml_collections.ConfigDict,

@@ -65,10 +65,23 @@ class ProgressLogger:
     self._task_ce = np.zeros(len(self.task_names))
     self._task_tokens = np.zeros(len(self.task_names))
     self._lr = float("nan")
+    self._pending: list[tuple[dict, int]] = []  # steps not yet read from the device
 
   def update(self, metrics: dict, examples: int):
-    """Adds one step. Its tokens are `metrics["tokens"]`: the train step sums the global batch's
-    attention mask on device, so every process gets the global count (issue 25)."""
+    """Adds one step. Its metrics may be device arrays still being computed: they are only
+    read at the next `flush` or `state_dict`, all at once, so the host never waits for a step
+    here (it dispatches the next one). Its tokens are `metrics["tokens"]`: the train step sums
+    the global batch's attention mask on device, so every process gets the global count."""
+    self._pending.append((metrics, examples))
+
+  def _drain(self) -> None:
+    """Reads the pending steps' metrics (one transfer, waiting for the last step) and adds them
+    in step order, in float64 as they come: the sums do not depend on when they were read."""
+    pending, self._pending = jax.device_get(self._pending), []
+    for metrics, examples in pending:
+      self._add(metrics, examples)
+
+  def _add(self, metrics: dict, examples: int):
     self._steps += 1
     self._examples += examples
     self._tokens += int(metrics["tokens"])
@@ -82,6 +95,7 @@ class ProgressLogger:
   def flush(self, step: int, bad_records: Mapping[str, int] | None = None) -> dict[str, float]:
     """Writes the entry of the interval ending at `step`. `bad_records`: running per-reason
     totals of skipped records (all processes), shown and logged when non-zero."""
+    self._drain()
     elapsed = max(self._elapsed + time.perf_counter() - self._t0, 1e-9)
     out = {k: v / self._steps for k, v in self._sums.items() if k != "skipped"}
     out["skipped_updates"] = self._sums.get("skipped", 0.0)
@@ -130,6 +144,7 @@ class ProgressLogger:
 
   def state_dict(self) -> dict:
     """The unlogged part of the current interval, JSON-able (saved beside a checkpoint)."""
+    self._drain()
     return {"steps": self._steps, "examples": self._examples, "tokens": self._tokens,
             "elapsed_s": self._elapsed + time.perf_counter() - self._t0, "sums": self._sums,
             "task_ce": self._task_ce.tolist(), "task_tokens": self._task_tokens.tolist(),

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.experimental.mesh_utils
 import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
@@ -73,9 +74,27 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   return shape
 
 
-def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> jax.sharding.Mesh:
-  """A mesh over `('data', 'fsdp', 'tensor')` with Auto axis types (logical rules need Auto)."""
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None, *,
+              dcn_shape: Sequence[int] | None = None) -> jax.sharding.Mesh:
+  """A mesh over `('data', 'fsdp', 'tensor')` with Auto axis types (logical rules need Auto).
+
+  dcn_shape: how many slices (TPU) or processes (CPU/GPU) each axis spans, e.g. (2, 1, 1) puts
+  the data axis across two slices; `shape` is then the mesh within one slice / process
+  (`mesh_utils.create_hybrid_device_mesh`), and the whole mesh is their product.
+  """
   devices = jax.devices() if devices is None else list(devices)
+  if dcn_shape is not None:
+    dcn = tuple(int(s) for s in dcn_shape)
+    granules = math.prod(dcn)
+    if len(dcn) != len(MESH_AXES) or len(devices) % granules:
+      raise ValueError(f"mesh.dcn_shape: {dcn} must have {len(MESH_AXES)} entries whose product "
+                       f"divides the {len(devices)} devices")
+    inner = resolve_mesh_shape(shape, len(devices) // granules)
+    on_tpu = devices[0].platform == "tpu"
+    grid = jax.experimental.mesh_utils.create_hybrid_device_mesh(
+        inner, dcn, devices, process_is_granule=not on_tpu, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
   shape = resolve_mesh_shape(shape, len(devices))
   if devices == jax.devices():
     return jax.make_mesh(shape, MESH_AXES,

@@ -255,7 +255,14 @@ def make_eval_step(model, config, mesh, state_sh, num_tasks: int):
 
 
 def global_batch(local_batch: dict[str, np.ndarray], config, mesh):
-  """Assembles per-process numpy batches into global jax.Arrays sharded over data x fsdp."""
-  shardings = batch_shardings(config, mesh, int(config.train.batch_size))
-  return {k: jax.make_array_from_process_local_data(shardings[k], v)
+  """Assembles per-process numpy batches into global jax.Arrays sharded over data x fsdp.
+
+  Each process passes the rows its devices hold (input_feed.data_shards): one block of the
+  batch, or all of it when an axis that does not split the batch spans processes. The global
+  shape is given, so local rows that do not fit the mesh raise instead of silently making a
+  smaller batch."""
+  batch_size = int(config.train.batch_size)
+  shardings = batch_shardings(config, mesh, batch_size)
+  shapes = batch_lib.batch_shapes(config, batch_size)
+  return {k: jax.make_array_from_process_local_data(shardings[k], v, shapes[k][0])
           for k, v in local_batch.items()}

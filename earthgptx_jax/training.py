@@ -27,7 +27,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from data_pipelines import pipeline, schema, tokenizer_training
-from earthgptx_jax import checkpointing, evaluation, perf, pretrained, trainer, workdir_lock
+from earthgptx_jax import (checkpointing, evaluation, input_feed, perf, pretrained, trainer,
+                           workdir_lock)
 from earthgptx_jax import progress as progress_lib
 from earthgptx_jax import tokenizer as tokenizer_lib
 
@@ -60,14 +61,17 @@ class PreemptionFlag:
   saves, and exits cleanly; during an `interruptible` phase (data preparation, compilation,
   final evaluation: nothing unsaved) the handler raises `Preempted` at once instead.
 
-  With several processes the handler only sets the flag: one process leaving on its own would
-  leave the others waiting at the next barrier.
+  With several processes there is no handler here: `jax.distributed.initialize` installed the
+  preemption service's, which tells every process to stop at the same step
+  (`Checkpointer.reached_preemption`). Replacing it would make each process stop at its own
+  step and save alone, or leave the others waiting at the next barrier.
   """
 
   def __init__(self):
     self.requested = False
     self._phase: tuple[str, str] | None = None
-    signal.signal(signal.SIGTERM, self._handle)
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handle)
 
   def interruptible(self, phase: str | None, saved: str = "") -> None:
     """From now on a SIGTERM stops `phase` at once, reporting `saved` (None: it only sets the
@@ -121,11 +125,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   config = tokenizer_lib.complete_config(config, tokenizer)  # vocab size and special token ids
   data = pipeline.prepare(config, tokenizer)  # ensures the data; checks the model's slots
   config = pretrained.resolve_config(config, log=_log)  # before the model: e.g. SAM's sizes
-  mesh = trainer.sharding.make_mesh(config.mesh.shape)
+  mesh = trainer.sharding.make_mesh(config.mesh.shape,
+                                    dcn_shape=config.mesh.get("dcn_shape", None))
   model = trainer.build_model(config)
   optimizer = trainer.make_optimizer(config, model)
   abstract_state, state_sh = trainer.state_shardings(model, optimizer, config, mesh)
-  train_iter = data.train_iterator(jax.process_index(), jax.process_count())
+  shards = input_feed.data_shards(config, mesh)  # the rows this process's devices hold
+  train_iter = input_feed.train_iterator(data, shards)
 
   preemption.interruptible(None)  # restoring (a fallback moves checkpoints) runs to its end
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", config.checkpoint)
@@ -151,11 +157,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
 
   num_tasks = len(data.task_names)
   train_step = trainer.make_train_step(model, optimizer, config, mesh, state_sh, num_tasks)
-  first = trainer.global_batch(next(train_iter), config, mesh)
+  step = int(state.step)
+  total_steps = int(config.train.steps)
+  # Batches are loaded and put on device in a thread from now on, during the compile too.
+  batches = input_feed.Prefetcher(train_iter, lambda local: trainer.global_batch(
+      local, config, mesh), limit=max(total_steps - step, 0))
+  try:
+    return _train_loop(config, workdir, preemption, data, mesh, state, train_step, batches,
+                       shards, ckpt)
+  finally:
+    batches.close()
+
+
+def _train_loop(config, workdir, preemption, data, mesh, state, train_step, batches, shards,
+                ckpt) -> dict[str, Any]:
   t0 = time.perf_counter()
   _log("compiling the train step")
   with jax.set_mesh(mesh), trainer.nn.logical_axis_rules(trainer.sharding.LOGICAL_AXIS_RULES):
-    lowered = train_step.jitted.lower(state, first)
+    lowered = train_step.jitted.lower(state, abstract_batch(config, mesh))
   compiled = _compile_interruptibly(lowered)
   _log(f"train step compiled in {time.perf_counter() - t0:.1f} s")
   trainer.sharding.wait_for_all_processes("train step compiled")
@@ -167,19 +186,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   progress.restore_state(step, log=_log)
 
   total_steps = int(config.train.steps)
+  count_bad = shards.counts_bad_records
   alignment_steps = int(config.train.get("alignment_steps", 0) or 0)
   if step < alignment_steps:
     _log(f"alignment stage: steps {step + 1}-{alignment_steps} train on "
          f"{', '.join(config.data.alignment_tasks)} only, then on the whole mixture")
-  last = {}
-  batch = first
+  last, previous = {}, None
+  # Asynchronous: the step is dispatched and the host goes on (its metrics are read at the log
+  # interval, the next batch is already on device), so the device never waits for the host.
   while step < total_steps:
     ckpt.check()  # a failed async save stops the run here, not at the next save
-    state, metrics = train_step(state, batch)
+    state, metrics = compiled(state, next(batches))
     step += 1
+    if previous is not None:  # at most two steps in flight: the host never runs far ahead,
+      previous.block_until_ready()  # holding batches on device, yet one step is always queued
+    previous = metrics["loss"]
     progress.update(metrics, examples=int(config.train.batch_size))
     if step % int(config.train.log_every_steps) == 0 or step == total_steps:
-      last = progress.flush(step, bad_records=global_bad_records(train_iter))
+      last = progress.flush(step, bad_records=global_bad_records(batches.bad_records, count_bad))
     eval_every = int(config.train.get("eval_every_steps", 0) or 0)
     eval_metrics = None
     if eval_every and step % eval_every == 0 and step < total_steps:
@@ -191,7 +215,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     stop = preemption.requested or ckpt.reached_preemption(step)
     if step % int(config.checkpoint.every_steps) == 0 or step == total_steps or stop:
       progress.save_state(step, keep_steps=ckpt.all_steps())  # the log interval's partial sums
-      ckpt.save(step, state, data_iter=train_iter, config=config,
+      # The position after the batches taken, not after those waiting in the prefetch queue.
+      ckpt.save(step, state, data_iter=batches.position(), config=config,
                 metrics=best_metric(config, eval_metrics), force=stop)
     if stop:
       ckpt.wait()
@@ -199,8 +224,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
            "interval's partial sums; the next run resumes from it; exiting")
       ckpt.close()
       return {"step": step, "preempted": True, **last}
-    if step < total_steps:
-      batch = trainer.global_batch(next(train_iter), config, mesh)
   ckpt.wait()
   preemption.interruptible("evaluating at the end", f"the checkpoint at step {step} is saved; "
                            "the next run repeats the final evaluation")
@@ -210,7 +233,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   preemption.interruptible(None)
   progress.write_eval(step, final)
   _log("final eval " + evaluation.format_summary(final))
-  bad = {f"bad_records/{k}": v for k, v in global_bad_records(train_iter).items()}
+  bad = {f"bad_records/{k}": v
+         for k, v in global_bad_records(batches.bad_records, count_bad).items()}
   result = {"step": step, **last, **bad, **{f"eval/{k}": v for k, v in final.items()}}
   if jax.process_index() == 0:
     (workdir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
@@ -237,14 +261,23 @@ def _compile_interruptibly(lowered):
   return out["compiled"]
 
 
-def global_bad_records(train_iter) -> dict[str, int]:
-  """Per-reason totals of the records skipped so far by all processes (each reads its own)."""
-  local = train_iter.bad_records
+def global_bad_records(local: dict[str, int], counts: bool = True) -> dict[str, int]:
+  """Per-reason totals of the records skipped so far by all processes, from each process's
+  `local` totals; `counts`: False on a process that reads the same shards as another (its
+  records are counted there)."""
   if jax.process_count() == 1:
     return local
-  vector = np.asarray([local.get(r, 0) for r in schema.BAD_REASONS], np.int64)
+  vector = np.asarray([local.get(r, 0) for r in schema.BAD_REASONS], np.int64) * int(counts)
   total = np.asarray(multihost_utils.process_allgather(vector)).reshape(-1, len(vector)).sum(0)
   return {r: int(n) for r, n in zip(schema.BAD_REASONS, total) if n}
+
+
+def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch's shapes, dtypes and shardings: the step compiles without a batch."""
+  batch_size = int(config.train.batch_size)
+  shardings = trainer.batch_shardings(config, mesh, batch_size)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
+          for k, (shape, dtype) in trainer.batch_lib.batch_shapes(config, batch_size).items()}
 
 
 def save_tokenizer(tokenizer, folder: epath.Path) -> None:
