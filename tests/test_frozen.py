@@ -96,10 +96,12 @@ def test_frozen_step_gradients_equal_differentiating_everything():
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       want = reference_grads(state.trainable, batch)
       got, _ = grads_fn(state.trainable, batch)
-    for is_live, a, b in zip(jax.tree.leaves(live), jax.tree.leaves(want), jax.tree.leaves(got)):
-      if is_live:
-        a = np.asarray(a)
-        np.testing.assert_allclose(np.asarray(b), a, rtol=1e-4, atol=1e-4 * np.abs(a).max() + 1e-9)
+    pairs = [(np.asarray(a), np.asarray(b)) for t, a, b in
+             zip(jax.tree.leaves(live), jax.tree.leaves(want), jax.tree.leaves(got)) if t]
+    # Float noise scaled to the gradient: some leaves' true gradient is 0 (noise ~1e-9).
+    atol = 1e-5 * max(np.abs(a).max() for a, _ in pairs)
+    for a, b in pairs:
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=atol)
     state, metrics = step(state, batch)
     assert not bool(metrics["update_skipped"])
   convnext = jax.tree.leaves(start["params"]["vision"]["convnext"])
