@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from earthgptx_jax import losses
 from earthgptx_jax.models import attention, layers
 
 Array = jax.Array
@@ -378,3 +379,28 @@ class Llama(nn.Module):
           valid=valid, end=end + length,
           next_position=cache.next_position + jnp.sum(attention_mask, -1, dtype=jnp.int32))
     return LlamaOutput(logits=logits, hidden_states=hidden, cache=new_cache)
+
+
+def output_kernel(params, config: ml_collections.ConfigDict) -> Array:
+  """The [D, V] output projection of `Llama` params, in the compute dtype (tied: embedding^T)."""
+  if config.tie_word_embeddings:
+    kernel = params["embed_tokens"]["embedding"].T
+  else:
+    kernel = params["lm_head"]["kernel"]
+  return kernel.astype(_dtype(config.dtype))
+
+
+def token_cross_entropy(out: LlamaOutput, params, config: ml_collections.ConfigDict,
+                        targets: Array, loss_mask: Array) -> tuple[Array, Array, Array]:
+  """Next-token CE of a forward's output: (mean over answer tokens [], loss_sum [B], count [B]).
+
+  With `config.ce_chunk_size` > 0 it never forms `out.logits` (losses.chunked_token_cross_entropy
+  from the hidden states and the output kernel; under jit XLA then drops the unused logits);
+  otherwise the plain log-softmax of `out.logits`. Both give the same values and gradients.
+  """
+  chunk = int(config.get("ce_chunk_size", 0) or 0)
+  if chunk > 0:
+    return losses.chunked_token_cross_entropy(out.hidden_states, output_kernel(params, config),
+                                              targets, loss_mask, chunk)
+  loss_sum, count = losses.token_cross_entropy_per_example(out.logits, targets, loss_mask)
+  return loss_sum.sum() / jnp.maximum(count.sum(), 1.0), loss_sum, count
