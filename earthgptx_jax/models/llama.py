@@ -293,7 +293,8 @@ class Llama(nn.Module):
 
   def __call__(self, input_ids: Array | None = None, *, inputs_embeds: Array | None = None,
                attention_mask: Array | None = None, positions: Array | None = None,
-               cache: KVCache | None = None, decode: bool = False) -> LlamaOutput:
+               cache: KVCache | None = None, decode: bool = False,
+               logits_positions: Array | None = None) -> LlamaOutput:
     """Forward over a chunk of T tokens.
 
     Args:
@@ -305,9 +306,13 @@ class Llama(nn.Module):
       cache: KVCache; required iff `decode`. The caller sizes it (`init_cache`) so that
         `cache.end + T <= max_length`; `generate` does.
       decode: append the chunk to `cache` (prefill or step) and return the updated cache.
+      logits_positions: [B, K] int, the only positions whose logits are formed (a prefill
+        needs just the last prompt token's: [B, T, V] float32 logits of a long prompt cost a
+        [T, D] x [D, V] matmul and T * V * 4 bytes per row); None: every position.
 
     Returns:
-      LlamaOutput(logits [B, T, V] float32, hidden_states [B, T, D], cache or None).
+      LlamaOutput(logits [B, T, V] float32 ([B, K, V] with `logits_positions`), hidden_states
+      [B, T, D], cache or None).
     """
     cfg = self.config
     if (input_ids is None) == (inputs_embeds is None):
@@ -362,10 +367,13 @@ class Llama(nn.Module):
                                         jnp.stack([kv[1] for kv in new_kv]))
 
     hidden = self.norm(x)
+    head_input = hidden
+    if logits_positions is not None:
+      head_input = jnp.take_along_axis(hidden, logits_positions[..., None].astype(jnp.int32), 1)
     if cfg.tie_word_embeddings:
-      logits = self.embed_tokens.attend(hidden)
+      logits = self.embed_tokens.attend(head_input)
     else:
-      logits = self.lm_head(hidden)
+      logits = self.lm_head(head_input)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("activation_batch",
                                         "activation_length", "activation_vocab"))
 
