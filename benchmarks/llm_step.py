@@ -1,6 +1,6 @@
 """LLM-only train step: our jitted LLaMA step vs HF `LlamaForCausalLM` eager, same weights, CPU.
 
-    python -m benchmarks.llm_step                 # 56M (h512, 8 layers, GQA 8/4, V 32000), B=4 L=512
+    python -m benchmarks.llm_step                 # 56M (h512, 8L, GQA 8/4, V 32000), B=4 L=512
     python -m benchmarks.llm_step --quick         # a tiny model, to check the script end to end
     python -m benchmarks.llm_step --ce_chunk=0    # the plain cross-entropy ([B, L, V] logits)
 

@@ -1,4 +1,4 @@
-"""SAM ViT's attention without a materialised bias, its remat, and the frozen-encoder preset entry."""
+"""SAM ViT attention without a materialised bias, its remat, the frozen-encoder preset entry."""
 
 import jax
 import jax.numpy as jnp

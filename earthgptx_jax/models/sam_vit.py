@@ -52,7 +52,9 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias_h: jax.Arra
   `bias` argument needs). Returns [B, hw, N, H] in v's dtype; the `xla` implementation's math.
   """
   b, h, w, n, c = q.shape
-  logits = jnp.einsum("byxnc,bkjnc->bnyxkj", q, k, preferred_element_type=jnp.float32)
+  # The flat [B, N, T, S] product (the dot jax's attention emits), viewed as [B, N, h, w, h, w].
+  logits = jnp.einsum("btnc,bsnc->bnts", q.reshape(b, h * w, n, c), k.reshape(b, h * w, n, c),
+                      preferred_element_type=jnp.float32).reshape(b, n, h, w, h, w)
   logits = (logits * jnp.float32(c ** -0.5) + bias_h[..., :, None].astype(jnp.float32)
             + bias_w[..., None, :].astype(jnp.float32))
   probs = jax.nn.softmax(logits.reshape(b, n, h * w, h * w), axis=-1).astype(v.dtype)
