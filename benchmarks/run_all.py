@@ -5,6 +5,9 @@
     python -m benchmarks.run_all --rows=train,fsdp
 
 Rows (targets from issue 9):
+  llm       LLM-only train step, 56M LLaMA, B=4 L=512, float32: ours (chunked CE) vs HF eager
+            (<= 1.0x), beside each side's GEMM rate measured in the same run
+            (benchmarks/llm_step.py).
   decode    greedy tok/s at batch 1 and 8, 128 new tokens, 56M LLaMA: ours vs HF `generate` on
             the same weights (>= 3x) and vs the read-bandwidth bound measured here (>= 70 %)
             (benchmarks/decode_llm.py).
@@ -42,7 +45,7 @@ import platform
 import subprocess
 import sys
 
-ROWS = ("train", "loader", "loop", "decode", "encoders", "fsdp", "infer")
+ROWS = ("train", "loader", "loop", "llm", "decode", "encoders", "fsdp", "infer")
 FSDP_DEVICES = 8
 # data x fsdp x tensor. Pure 8-way FSDP (1 x 8 x 1) cannot be laid out: the mask decoder's
 # 4-wide output heads (3 multimask + 1) carry an fsdp-mapped axis; 1 x 4 x 2 can.
@@ -98,6 +101,17 @@ def loop_rows(args, results) -> list[dict]:
   return [_row(f"train loop per step / compiled step, tiny B={r['batch_size']} (s)",
                r["loop_step_s"], r["compiled_step_s"], "s", r["ratio"], "", "<= 1.1x",
                f"{r['steps']} steps; load average {r['load_average'][0]:.1f}")]
+
+
+def llm_rows(args, results) -> list[dict]:
+  from benchmarks import llm_step
+  r = llm_step.run("56m", 4, 512, reps=args.repeats)
+  results["llm"] = r
+  bound = (f"matmuls at GEMM rate: ours {r['ours_matmul_bound_s']:.2f} s, torch "
+           f"{r['torch_matmul_bound_s']:.2f} s")
+  return [_row("LLM-only train step, 56M LLaMA, B=4 L=512 (s)", r["ours_s"], r["torch_s"], "s",
+               r["ratio"], bound, "<= 1.0x", f"ce_chunk {r['ce_chunk']}, first loss "
+               f"{r['first_loss_ours']:.4f} / {r['first_loss_torch']:.4f}")]
 
 
 def decode_rows(args, results) -> list[dict]:
@@ -261,8 +275,8 @@ def main():
                  args=vars(args), machine=platform.machine(), cpus=os.cpu_count(),
                  jax=jax.__version__, torch=torch.__version__,
                  torch_threads=torch.get_num_threads(), backend=jax.default_backend())
-  sections = (({"train", "loader"}, train_rows), ({"decode"}, decode_rows),
-              ({"encoders"}, encoder_rows), ({"fsdp"}, fsdp_rows), ({"loop"}, loop_rows),
+  sections = (({"train", "loader"}, train_rows), ({"loop"}, loop_rows), ({"llm"}, llm_rows),
+              ({"decode"}, decode_rows), ({"encoders"}, encoder_rows), ({"fsdp"}, fsdp_rows),
               ({"infer"}, infer_rows))
   rows = []
   for names, measure in sections:

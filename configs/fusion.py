@@ -15,6 +15,8 @@ from earthgptx_jax import tasks
 
 ConfigDict = ml_collections.ConfigDict
 placeholder = ml_collections.config_dict.placeholder
+# The train.frozen_patterns entry that freezes SAM's ViT image encoder (every param under it).
+FROZEN_SAM_ENCODER = r"^params/pixel/vision_encoder/"
 
 
 def _llm() -> ConfigDict:
@@ -35,6 +37,8 @@ def _llm() -> ConfigDict:
   llm.scan_layers = True
   llm.initializer_range = 0.02  # std of the normal init (HF LlamaConfig.initializer_range)
   llm.attention_impl = "xla"  # xla | cudnn | pallas | auto (models/attention.py)
+  # Train CE over chunks of this many positions, never forming [B, L, V] logits; 0: plain CE.
+  llm.ce_chunk_size = 256
   llm.pretrained_path = placeholder(str)  # local HF LlamaForCausalLM folder
   # Local HF tokenizer folder; None -> the project's tokenizer, trained on the synthetic text.
   llm.tokenizer_path = placeholder(str)
@@ -153,7 +157,10 @@ def _pixel() -> ConfigDict:
   pixel.sam_vit = ConfigDict(dict(  # SAM ViT-H
       image_size=1024, patch_size=16, hidden_size=1280, num_layers=32, num_heads=16,
       mlp_dim=5120, window_size=14, global_attn_indexes=(7, 15, 23, 31),
-      layer_norm_eps=1e-6, qkv_bias=True, attention_impl="xla",
+      layer_norm_eps=1e-6, qkv_bias=True,
+      # auto: cuDNN on a GPU in bf16 (no float32 [B, N, T, S] scores in HBM), else xla.
+      attention_impl="auto",
+      remat=True,  # recompute each layer in the backward pass (~15 GB/image at 1024 px, SAM-H)
       pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225)))  # of [0, 1] pixels
   return pixel
 
@@ -244,8 +251,9 @@ def _train() -> ConfigDict:
   train.peak_flops = placeholder(float)
   # Regexes over '/'-joined paths of {"params": model params, "lora": adapters}. The paper
   # trains the new modules and the LLM (attention; embeddings for the new tokens) with the
-  # pretrained vision encoders frozen.
-  train.frozen_patterns = (r"^params/vision/", r"^params/llm/.*/mlp/")
+  # pretrained vision encoders frozen, and (as LISA) SAM's image encoder: drop
+  # FROZEN_SAM_ENCODER from a preset's tuple to train it.
+  train.frozen_patterns = (r"^params/vision/", r"^params/llm/.*/mlp/", FROZEN_SAM_ENCODER)
   train.lora = ConfigDict()
   train.lora.rank = 0  # 0 disables LoRA
   train.lora.alpha = 16.0
@@ -354,7 +362,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             dtype="float32",
             decoder=dict(hidden_size=32, num_heads=2, mlp_dim=64, iou_head_hidden_dim=32),
             sam_vit=dict(image_size=64, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
-                         mlp_dim=64, window_size=4, global_attn_indexes=(1,))),
+                         mlp_dim=64, window_size=4, global_attn_indexes=(1,), remat=False)),
         # Boxes through the head: written as text, tiny did not learn box grounding.
         "model.box": dict(
             head=True, dim=32, dtype="float32"),

@@ -14,10 +14,12 @@ box_l1, box_giou, box_cell; LISA's 1.0 / 2.0 / 0.5 for the first three).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from earthgptx_jax.models.box_head import centre_cells
 
@@ -82,6 +84,96 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array,
   loss_sum, count = token_cross_entropy_per_example(logits, targets, loss_mask)
   total = count.sum()
   return loss_sum.sum() / jnp.maximum(total, 1.0), total
+
+
+def chunked_token_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
+                                loss_mask: jax.Array, chunk_size: int
+                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`token_cross_entropy` of logits = hidden @ kernel without ever holding [B, L, V] logits.
+
+  A scan over chunks of `chunk_size` positions computes each chunk's float32 logits, their
+  log-sum-exp and, in the same pass, the chunk's gradient (softmax - one-hot): the backward pass
+  only scales the precomputed gradients, so the output head costs the same three matmuls as the
+  plain loss and peak memory holds [B, chunk, V] instead of several [B, L, V] float32 arrays.
+
+  Args:
+    hidden: [B, L, D] final hidden states (compute dtype).
+    kernel: [D, V] output projection (compute dtype).
+    targets: [B, L] int; loss_mask: [B, L] bool.
+    chunk_size: positions per chunk (L is padded up to a multiple).
+  Returns:
+    (mean loss over answer tokens [] - differentiable, loss_sum [B], count [B]); the last two
+    are for logging (no gradient flows through them), as `token_cross_entropy_per_example`.
+  """
+  if hidden.shape[:2] != targets.shape or targets.shape != loss_mask.shape:
+    raise ValueError(f"chunked_token_cross_entropy: hidden {hidden.shape}, targets "
+                     f"{targets.shape} and loss_mask {loss_mask.shape} must agree on [B, L]")
+  if chunk_size <= 0:
+    raise ValueError(f"chunked_token_cross_entropy: chunk_size={chunk_size} must be positive")
+  count = loss_mask.sum(axis=-1).astype(jnp.float32)
+  weights = loss_mask.astype(jnp.float32) / jnp.maximum(count.sum(), 1.0)
+  mean, nll = _fused_cross_entropy(hidden, kernel, targets.astype(jnp.int32), weights,
+                                   int(chunk_size))
+  nll = jax.lax.stop_gradient(nll)
+  return mean, jnp.where(loss_mask, nll, 0.0).sum(axis=-1), count
+
+
+def _chunks(x: jax.Array, chunk: int) -> jax.Array:
+  """[B, L, ...] -> [L / chunk, B, chunk, ...], L zero-padded to a multiple of chunk."""
+  b, length = x.shape[:2]
+  n = -(-length // chunk)
+  x = jnp.pad(x, [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+
+def _unchunk(x: jax.Array, length: int) -> jax.Array:
+  n, b, chunk = x.shape[:3]
+  return jnp.moveaxis(x, 0, 1).reshape(b, n * chunk, *x.shape[3:])[:, :length]
+
+
+def _fused_ce_forward(hidden, kernel, targets, weights, chunk_size):
+  """(sum(weights * nll), nll [B, L]) and the gradients of the sum (dhidden, dkernel)."""
+  length, vocab = hidden.shape[1], kernel.shape[1]
+  chunk = min(chunk_size, length)
+
+  def body(dkernel, xs):
+    h, t, w = xs  # [B, C, D], [B, C], [B, C]
+    logits = jnp.einsum("bcd,dv->bcv", h, kernel, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    onehot = t[..., None] == jnp.arange(vocab, dtype=t.dtype)
+    dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * w[..., None]).astype(h.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dlogits, kernel, preferred_element_type=jnp.float32)
+    dkernel = dkernel + jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
+    return dkernel, (nll, dh.astype(hidden.dtype))
+
+  xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(weights, chunk))
+  dkernel, (nll, dhidden) = jax.lax.scan(body, jnp.zeros(kernel.shape, jnp.float32), xs)
+  nll, dhidden = _unchunk(nll, length), _unchunk(dhidden, length)
+  return (jnp.sum(weights * nll), nll), (dhidden, dkernel.astype(kernel.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_cross_entropy(hidden, kernel, targets, weights, chunk_size):
+  return _fused_ce_forward(hidden, kernel, targets, weights, chunk_size)[0]
+
+
+def _fused_ce_fwd(hidden, kernel, targets, weights, chunk_size):
+  out, grads = _fused_ce_forward(hidden, kernel, targets, weights, chunk_size)
+  return out, (grads, out[1], targets)
+
+
+def _fused_ce_bwd(chunk_size, residuals, cotangents):
+  # The nll output is stop_gradient-ed by the only caller: its cotangent is ignored.
+  del chunk_size
+  (dhidden, dkernel), nll, targets = residuals
+  g = cotangents[0]
+  target_zero = np.zeros(targets.shape, jax.dtypes.float0)
+  return ((g * dhidden).astype(dhidden.dtype), (g * dkernel).astype(dkernel.dtype), target_zero,
+          g * nll)
+
+
+_fused_cross_entropy.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def per_mask_bce(mask_logits: jax.Array, seg_masks: jax.Array) -> jax.Array:

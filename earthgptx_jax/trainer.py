@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from earthgptx_jax import batch as batch_lib
 from earthgptx_jax import lora, losses, optim, sharding
-from earthgptx_jax.models import earthgptx
+from earthgptx_jax.models import earthgptx, llama
 
 
 @flax.struct.dataclass
@@ -112,9 +112,10 @@ def compute_losses(model, config, trainable, batch, num_tasks: int):
 
   A new term is one entry in `terms` plus its weight in config.loss.
   """
-  out = model.apply({"params": model_params(trainable, config)}, batch)
-  ce_sum, ce_count = losses.token_cross_entropy_per_example(out.logits, batch["targets"],
-                                                            batch["loss_mask"])
+  params = model_params(trainable, config)
+  out = model.apply({"params": params}, batch)
+  _, ce_sum, ce_count = llama.token_cross_entropy(out, params["llm"], config.model.llm,
+                                                  batch["targets"], batch["loss_mask"])
   seg_valid = out.seg_valid & batch["seg_valid"]
   mask = losses.mask_losses(out.mask_logits, batch["seg_masks"], seg_valid)
   box_valid = out.box_valid & batch["box_valid"]

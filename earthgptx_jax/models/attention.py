@@ -122,3 +122,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     bias = jnp.broadcast_to(bias, (b, bias.shape[-3] if bias.ndim >= 3 else 1, t, s))
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
                                       is_causal=is_causal, implementation=impl)
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array
+                     ) -> jax.Array:
+  """The `xla` attention of a chunk of queries over a KV cache laid out [B, K, S, H].
+
+  q: [B, T, N, H]; keys/values: [B, K, S, H] (a cache layer: heads before slots, so neither
+  matmul needs a transposed copy of the cache); mask: bool [B, 1, T, S]. Returns [B, T, N, H].
+  Same math as `dot_product_attention(..., implementation="xla")` (float32 logits and softmax,
+  large finite negative at masked keys).
+  """
+  b, t, n, h = q.shape
+  kv_heads = keys.shape[1]
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  logits = jnp.einsum("btkgh,bksh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(h ** -0.5)
+  big_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
+  logits = jnp.where(mask[:, :, None], logits, big_negative)
+  probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+  out = jnp.einsum("bkgts,bksh->btkgh", probs, values)
+  return out.reshape(b, t, n, h).astype(q.dtype)

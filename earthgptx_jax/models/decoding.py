@@ -87,13 +87,14 @@ def _generate(model: _ById, params: Any, input_ids: Array | None, inputs_embeds:
   batch, prompt_len = prompt.shape[:2]
   cache = llama.init_cache(cfg, batch, prompt_len + max_new_tokens)
 
-  out = module.apply(params, input_ids, inputs_embeds=inputs_embeds,
-                     attention_mask=attention_mask, cache=cache, decode=True)
-  # The last real prompt token's output, wherever padding sits.
+  # The last real prompt token's output, wherever padding sits: the only logits prefill forms.
   last = prompt_len - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1)
+  out = module.apply(params, input_ids, inputs_embeds=inputs_embeds,
+                     attention_mask=attention_mask, cache=cache, decode=True,
+                     logits_positions=last[:, None])
   rows = jnp.arange(batch)
   rng, step_rng = jax.random.split(rng)
-  first = _select(out.logits[rows, last], step_rng, sample, temperature, top_p)
+  first = _select(out.logits[:, 0], step_rng, sample, temperature, top_p)
 
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   hidden = None
@@ -135,8 +136,8 @@ def generate(model: llama.Llama, params: Any, *, input_ids: Array | None = None,
   """Generates `max_new_tokens` after a (padded) prompt; jitted once per shape and setting.
 
   Args:
-    model: a `Llama` (or any module with its `__call__(..., cache, decode)` contract and
-      `.config` = model.llm).
+    model: a `Llama` (or any module with its `__call__(..., cache, decode, logits_positions)`
+      contract and `.config` = model.llm).
     params: the Llama params tree, or `{"params": tree}` variables for `model.apply`.
     input_ids: [B, L] int prompt, or None when `inputs_embeds` [B, L, D] is given.
     attention_mask: [B, L] bool, False at padding (left or right).

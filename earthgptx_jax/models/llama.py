@@ -5,7 +5,7 @@ the same rotate-half RoPE layout as HF checkpoints (so conversion needs no permu
 tables in float32, RMSNorm in float32, softmax in float32.
 
 One forward serves training, prefill and decoding. A `KVCache` holds preallocated
-[layers, B, S, K, H] keys/values plus which slots hold real tokens; `decode=True` appends the
+[B, K, S, H] keys/values per layer plus which slots hold real tokens; `decode=True` appends the
 chunk at slots [end, end + T) and attends to everything valid before it, so prompts padded on
 either side decode correctly (padding slots stay masked; RoPE positions count real tokens only,
 as HF `generate` does).
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from earthgptx_jax import losses
 from earthgptx_jax.models import attention, layers
 
 Array = jax.Array
@@ -115,23 +116,30 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 @flax.struct.dataclass
 class KVCache:
   """Preallocated keys/values for incremental decoding (static shapes, jit/while_loop safe)."""
-  k: Array  # [layers, B, S, K, H]
-  v: Array  # [layers, B, S, K, H]
+  # Per layer [B, K, S, H], heads before slots, so a decode step's attention reads a layer
+  # where it lies (no transposed copy): a tuple of one array per layer, each updated in place
+  # (unscanned layers), or one [layers, B, K, S, H] array (scanned layers: the scan's xs).
+  k: Array | tuple[Array, ...]
+  v: Array | tuple[Array, ...]
   valid: Array  # [B, S] bool: slot holds a real (non-padding) token
   end: Array  # [] int32: slots [0, end) have been written
   next_position: Array  # [B] int32: RoPE position of the next real token (= real tokens so far)
 
   @property
   def max_length(self) -> int:
-    return self.k.shape[2]
+    return (self.k[0] if isinstance(self.k, tuple) else self.k).shape[-2]
 
 
 def init_cache(config: ml_collections.ConfigDict, batch_size: int, max_length: int,
                dtype=None) -> KVCache:
   """An empty cache for `max_length` tokens (prompt + generated); dtype defaults to compute."""
   dtype = _dtype(config.dtype) if dtype is None else jnp.dtype(dtype)
-  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+  if config.scan_layers:
+    k = v = jnp.zeros((config.num_layers, *shape), dtype)
+  else:
+    k = v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(k=k, v=v,
                  valid=jnp.zeros((batch_size, max_length), bool), end=jnp.zeros((), jnp.int32),
                  next_position=jnp.zeros((batch_size,), jnp.int32))
 
@@ -187,12 +195,13 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
-               cache_kv: tuple[Array, Array] | None, end: Array | None
-               ) -> tuple[Array, tuple[Array, Array] | None]:
-    """x: [B, T, D]; cache_kv: ([B, S, K, H], [B, S, K, H]) or None; mask: [B, 1, T, S] with a
-    cache, else key padding [B, 1, 1, T] (causality is the kernel's `is_causal` flag).
+               cache_kv: tuple[Array, Array] | None, end: Array | None,
+               return_cache: bool = False) -> tuple[Array, tuple[Array, Array] | None]:
+    """x: [B, T, D]; mask: [B, 1, T, S] with a cache, else key padding [B, 1, 1, T] (causality
+    is the kernel's `is_causal` flag); cache_kv: this layer's ([B, K, S, H],) * 2 or None.
 
-    Returns the output [B, T, D] and the chunk's new (k, v) [B, T, K, H] (None without cache).
+    Returns the output [B, T, D] and, with a cache, the chunk's (k, v) [B, T, K, H], or with
+    `return_cache` the layer's updated cache (written in place).
     """
     cfg = self.config
     q = Projection((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg,
@@ -207,20 +216,24 @@ class Attention(nn.Module):
                                    "activation_length", "activation_kv_heads", None))
     v = nn.with_logical_constraint(v, ("activation_batch", "activation_length",
                                        "activation_kv_heads", None))
-    new_kv = None
-    keys, values = k, v
-    if cache_kv is not None:
-      new_kv = (k, v)
+    if cache_kv is None:
+      new_kv = None
+      out = attention.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                            implementation=cfg.attention_impl)
+    else:
       zero = jnp.zeros((), jnp.int32)
-      keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype),
-                                          (zero, end, zero, zero)).astype(q.dtype)
-      values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype),
-                                            (zero, end, zero, zero)).astype(q.dtype)
-    impl = cfg.attention_impl
-    if cache_kv is not None and impl == "pallas":
-      impl = "xla"  # the flash kernel covers whole sequences (T == S), not reads of a cache
-    out = attention.dot_product_attention(q, keys, values, mask=mask,
-                                          is_causal=cache_kv is None, implementation=impl)
+      chunk = [a.transpose(0, 2, 1, 3).astype(cache_kv[0].dtype) for a in (k, v)]  # [B,K,T,H]
+      keys, values = (jax.lax.dynamic_update_slice(c, a, (zero, zero, end, zero))
+                      for c, a in zip(cache_kv, chunk))
+      new_kv = (keys, values) if return_cache else (k, v)
+      keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+      impl = attention.resolve_implementation(cfg.attention_impl, q.dtype, cfg.head_dim)
+      if impl in ("xla", "pallas"):  # pallas covers whole sequences (T == S), not a cache
+        out = attention.cached_attention(q, keys, values, mask)
+      else:
+        out = attention.dot_product_attention(q, keys.transpose(0, 2, 1, 3),
+                                              values.transpose(0, 2, 1, 3), mask=mask,
+                                              implementation=impl)
     out = Projection((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, in_axes=2,
                      name="o_proj")(out)
     return out, new_kv
@@ -242,8 +255,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). Scan-compatible signature."""
+  """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). Scan-compatible signature.
+
+  `return_cache` (unscanned layers): return the layer's updated cache, not the chunk's k, v.
+  """
   config: ml_collections.ConfigDict
+  return_cache: bool = False
 
   @nn.compact
   def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, end: Array | None,
@@ -251,7 +268,8 @@ class DecoderLayer(nn.Module):
     """x: [B, T, D] -> (x [B, T, D], chunk (k, v) [B, T, K, H] or None)."""
     cache_kv = None if cache_k is None else (cache_k, cache_v)
     h, new_kv = Attention(self.config, name="self_attn")(
-        RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask, cache_kv, end)
+        RMSNorm(self.config, name="input_layernorm")(x), cos, sin, mask, cache_kv, end,
+        self.return_cache)
     x = x + h
     x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -279,7 +297,7 @@ class Llama(nn.Module):
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
           length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     else:
-      self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+      self.layers = [block(cfg, return_cache=True) for _ in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
@@ -292,7 +310,8 @@ class Llama(nn.Module):
 
   def __call__(self, input_ids: Array | None = None, *, inputs_embeds: Array | None = None,
                attention_mask: Array | None = None, positions: Array | None = None,
-               cache: KVCache | None = None, decode: bool = False) -> LlamaOutput:
+               cache: KVCache | None = None, decode: bool = False,
+               logits_positions: Array | None = None) -> LlamaOutput:
     """Forward over a chunk of T tokens.
 
     Args:
@@ -304,9 +323,13 @@ class Llama(nn.Module):
       cache: KVCache; required iff `decode`. The caller sizes it (`init_cache`) so that
         `cache.end + T <= max_length`; `generate` does.
       decode: append the chunk to `cache` (prefill or step) and return the updated cache.
+      logits_positions: [B, K] int, the only positions whose logits are formed (a prefill
+        needs just the last prompt token's: [B, T, V] float32 logits of a long prompt cost a
+        [T, D] x [D, V] matmul and T * V * 4 bytes per row); None: every position.
 
     Returns:
-      LlamaOutput(logits [B, T, V] float32, hidden_states [B, T, D], cache or None).
+      LlamaOutput(logits [B, T, V] float32 ([B, K, V] with `logits_positions`), hidden_states
+      [B, T, D], cache or None).
     """
     cfg = self.config
     if (input_ids is None) == (inputs_embeds is None):
@@ -351,30 +374,61 @@ class Llama(nn.Module):
     if cfg.scan_layers:
       x, new_kv = self.layers(x, cos, sin, mask, end, cache_k, cache_v)
     else:
-      new_kv = []
-      for i, layer in enumerate(self.layers):
-        x, kv = layer(x, cos, sin, mask, end,
-                      None if cache_k is None else cache_k[i],
+      new_k, new_v = [], []
+      for i, layer in enumerate(self.layers):  # each layer writes its own cache in place
+        x, kv = layer(x, cos, sin, mask, end, None if cache_k is None else cache_k[i],
                       None if cache_v is None else cache_v[i])
-        new_kv.append(kv)
-      new_kv = None if not decode else (jnp.stack([kv[0] for kv in new_kv]),
-                                        jnp.stack([kv[1] for kv in new_kv]))
+        if decode:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
+      cache_k, cache_v = tuple(new_k), tuple(new_v)
 
     hidden = self.norm(x)
+    head_input = hidden
+    if logits_positions is not None:
+      head_input = jnp.take_along_axis(hidden, logits_positions[..., None].astype(jnp.int32), 1)
     if cfg.tie_word_embeddings:
-      logits = self.embed_tokens.attend(hidden)
+      logits = self.embed_tokens.attend(head_input)
     else:
-      logits = self.lm_head(hidden)
+      logits = self.lm_head(head_input)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("activation_batch",
                                         "activation_length", "activation_vocab"))
 
     new_cache = None
     if decode:
-      zero = jnp.zeros((), jnp.int32)
-      index = (zero, zero, end, zero, zero)
+      if cfg.scan_layers:  # the scan returns each layer's chunk [layers, B, T, K, H]
+        zero = jnp.zeros((), jnp.int32)
+        index = (zero, zero, zero, end, zero)
+        cache_k, cache_v = (
+            jax.lax.dynamic_update_slice(c, a.transpose(0, 1, 3, 2, 4).astype(c.dtype), index)
+            for c, a in zip((cache.k, cache.v), new_kv))
       new_cache = KVCache(
-          k=jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), index),
-          v=jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), index),
+          k=cache_k, v=cache_v,
           valid=valid, end=end + length,
           next_position=cache.next_position + jnp.sum(attention_mask, -1, dtype=jnp.int32))
     return LlamaOutput(logits=logits, hidden_states=hidden, cache=new_cache)
+
+
+def output_kernel(params, config: ml_collections.ConfigDict) -> Array:
+  """The [D, V] output projection of `Llama` params, in the compute dtype (tied: embedding^T)."""
+  if config.tie_word_embeddings:
+    kernel = params["embed_tokens"]["embedding"].T
+  else:
+    kernel = params["lm_head"]["kernel"]
+  return kernel.astype(_dtype(config.dtype))
+
+
+def token_cross_entropy(out: LlamaOutput, params, config: ml_collections.ConfigDict,
+                        targets: Array, loss_mask: Array) -> tuple[Array, Array, Array]:
+  """Next-token CE of a forward's output: (mean over answer tokens [], loss_sum [B], count [B]).
+
+  With `config.ce_chunk_size` > 0 it never forms `out.logits` (losses.chunked_token_cross_entropy
+  from the hidden states and the output kernel; under jit XLA then drops the unused logits);
+  otherwise the plain log-softmax of `out.logits`. Both give the same values and gradients.
+  """
+  chunk = int(config.get("ce_chunk_size", 0) or 0)
+  if chunk > 0:
+    return losses.chunked_token_cross_entropy(out.hidden_states, output_kernel(params, config),
+                                              targets, loss_mask, chunk)
+  loss_sum, count = losses.token_cross_entropy_per_example(out.logits, targets, loss_mask)
+  return loss_sum.sum() / jnp.maximum(count.sum(), 1.0), loss_sum, count

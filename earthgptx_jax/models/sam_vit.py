@@ -5,8 +5,9 @@ channels-last: pixel_values [B, H, W, 3] (already normalised) -> embeddings [B, 
 h = H / patch_size. Parameter names follow HF so that `convert/sam.py` is a flat key map.
 
 Sizes come from `config.model.pixel.sam_vit`: image_size, patch_size, hidden_size, num_layers,
-num_heads, mlp_dim, window_size, global_attn_indexes, layer_norm_eps, qkv_bias, attention_impl;
-the neck width is the mask decoder's hidden size.
+num_heads, mlp_dim, window_size, global_attn_indexes, layer_norm_eps, qkv_bias, attention_impl,
+remat (recompute each layer in the backward pass); the neck width is the mask decoder's hidden
+size.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from earthgptx_jax.models.attention import dot_product_attention
+from earthgptx_jax.models.attention import dot_product_attention, resolve_implementation
 from earthgptx_jax.models.layers import conv, dense, layer_norm
 from earthgptx_jax.models.mask_decoder import MLPBlock
 
@@ -38,6 +39,26 @@ def relative_positions(size: int, rel_pos: jax.Array) -> jax.Array:
                      f"attention grid, got {rel_pos.shape[0]} (image_size/window_size mismatch)")
   idx = jnp.arange(size)[:, None] - jnp.arange(size)[None, :] + (size - 1)
   return rel_pos[idx]
+
+
+def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias_h: jax.Array,
+                      bias_w: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(H) + bias_h + bias_w) v without a [B, N, hw, hw] bias tensor.
+
+  q, k: [B, h, w, N, H]; v: [B, hw, N, H]; bias_h: [B, N, h, w, h] (per query, key row);
+  bias_w: [B, N, h, w, w] (per query, key column). The two small biases are broadcast into the
+  float32 logits [B, N, h, w, h, w], where XLA fuses the adds into the logits' producer, instead
+  of first writing and then reading a full [B, N, T, S] bias (what `dot_product_attention`'s
+  `bias` argument needs). Returns [B, hw, N, H] in v's dtype; the `xla` implementation's math.
+  """
+  b, h, w, n, c = q.shape
+  # The flat [B, N, T, S] product (the dot jax's attention emits), viewed as [B, N, h, w, h, w].
+  logits = jnp.einsum("btnc,bsnc->bnts", q.reshape(b, h * w, n, c), k.reshape(b, h * w, n, c),
+                      preferred_element_type=jnp.float32).reshape(b, n, h, w, h, w)
+  logits = (logits * jnp.float32(c ** -0.5) + bias_h[..., :, None].astype(jnp.float32)
+            + bias_w[..., None, :].astype(jnp.float32))
+  probs = jax.nn.softmax(logits.reshape(b, n, h * w, h * w), axis=-1).astype(v.dtype)
+  return jnp.einsum("bnts,bsnc->btnc", probs, v)
 
 
 class VisionAttention(nn.Module):
@@ -71,9 +92,12 @@ class VisionAttention(nn.Module):
     qg = q.reshape(b, h, w, self.num_heads, head_dim)
     bias_h = jnp.einsum("byxnc,ykc->bnyxk", qg, rh)
     bias_w = jnp.einsum("byxnc,xkc->bnyxk", qg, rw)
-    bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
-
-    out = dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
+    if resolve_implementation(self.attention_impl, q.dtype, head_dim) == "xla":
+      out = rel_pos_attention(qg, k.reshape(qg.shape), v, bias_h, bias_w)
+    else:  # fused kernels take the bias as one [B, N, T, S] tensor (in the compute dtype)
+      bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w,
+                                                                   h * w)
+      out = dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
     out = out.reshape(b, h, w, d)
     return dense(d, ("vit_mlp", "vit_embed"), name="proj", **kw)(out)
 
@@ -144,9 +168,11 @@ class SamVisionEncoder(nn.Module):
                      (1, grid, grid, cfg.hidden_size), self.param_dtype)
     x = nn.with_logical_constraint(x + pos.astype(self.dtype), _ACTIVATION_2D)
     global_layers = set(cfg.global_attn_indexes)
+    # remat: a layer's activations (at 1024 px, SAM-H: ~0.5 GB per global layer's scores and
+    # ~15 GB per image in all) are recomputed in the backward pass instead of kept.
+    layer = nn.remat(VisionLayer) if cfg.get("remat", False) else VisionLayer
     for i in range(cfg.num_layers):
-      x = VisionLayer(cfg, 0 if i in global_layers else cfg.window_size, name=f"layers_{i}",
-                      **kw)(x)
+      x = layer(cfg, 0 if i in global_layers else cfg.window_size, name=f"layers_{i}", **kw)(x)
     x = conv(self.out_channels, 1, use_bias=False, name="neck_conv1", **kw)(x)
     x = layer_norm(cfg.layer_norm_eps, name="neck_layer_norm1", **kw)(x)
     x = conv(self.out_channels, 3, padding=1, use_bias=False, name="neck_conv2", **kw)(x)
