@@ -45,6 +45,10 @@ def small_config(**overrides):
   m.pixel.decoder.update(dict(hidden_size=64, mlp_dim=256, iou_head_hidden_dim=64))
   m.pixel.sam_vit.update(dict(hidden_size=128, mlp_dim=512))
   m.box.dim = 64
+  # The plain CE, whose matmuls the formula counts. With the chunked CE's custom backward XLA's
+  # count falls 7.6 % under the formula when groups are frozen (2 % over with the plain CE);
+  # not yet explained, noted in issue 25's closing note.
+  m.llm.ce_chunk_size = 0
   return config
 
 
