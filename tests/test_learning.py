@@ -76,9 +76,12 @@ def _table(metrics: dict) -> str:
 def test_tiny_preset_learns_every_task_together(tmp_path):
   """The README's main job as a user runs it: one stage over the whole task mixture, one set of
   weights, every task scored on >= 100 held-out examples."""
-  metrics = _train_tiny(tmp_path)
+  # CI has just run README's main command itself (.ci/run): its workdir, not a second copy.
+  done = os.environ.get("EARTHGPTX_MAIN_JOB_WORKDIR")
+  metrics = (json.loads((pathlib.Path(done) / "metrics.json").read_text()) if done else
+             _train_tiny(tmp_path))
   print("\n" + _table(metrics))
-  assert metrics["step"] == 1500
+  assert metrics["step"] == 2500
   for task in tasks.TASKS:
     assert metrics[f"eval/{task.name}/n"] >= 100, task.name
     assert metrics[f"eval/{task.name}/{task.headline}"] >= THRESHOLDS[task.name], task.name
