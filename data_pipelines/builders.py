@@ -20,10 +20,12 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import io
 import itertools
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 import ml_collections
@@ -233,12 +235,27 @@ def ensure_synthetic(data_dir: str, config: ml_collections.ConfigDict) -> str:
                       f"synthetic_rs_{synthetic_fingerprint(cfg)}")
   with exclusive(path):
     for modality in schema.MODALITIES:
-      builder = get_builder(f"synthetic_rs/{modality}", path, synthetic_config=cfg)
-      if not builder.is_prepared():
-        logging.info("generating synthetic_rs/%s under %s", modality, path)
-        builder.download_and_prepare()
+      # TFDS's own lines (a warning that a new folder has no dataset_info.json, "Downloading and
+      # preparing dataset Unknown size") tell a newcomer something false: nothing is downloaded.
+      with contextlib.redirect_stdout(io.StringIO()), _tfds_warnings_off():
+        builder = get_builder(f"synthetic_rs/{modality}", path, synthetic_config=cfg)
+        if not builder.is_prepared():
+          print(f"generating synthetic_rs/{modality} ({cfg.num_train} train + {cfg.num_eval} "
+                f"held-out records) under {path}", file=sys.stderr, flush=True)
+          builder.download_and_prepare()
       ensure_stats(builder)
   return path
+
+
+@contextlib.contextmanager
+def _tfds_warnings_off():
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
 
 
 @contextlib.contextmanager
