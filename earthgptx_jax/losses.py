@@ -54,6 +54,24 @@ def answer_cross_entropy(loss_sum: jax.Array, count: jax.Array, normalization: s
                    "'example' or 'sqrt'")
 
 
+def answer_token_weights(loss_mask: jax.Array, normalization: str) -> jax.Array:
+  """[B, L] weights w with sum(w * nll) == answer_cross_entropy(loss_sum, count, normalization):
+  the form the chunked CE needs, which forms its gradient in the forward pass."""
+  count = loss_mask.sum(axis=-1).astype(jnp.float32)
+  if normalization == "token":
+    per_example = jnp.full_like(count, 1.0) / jnp.maximum(count.sum(), 1.0)
+  elif normalization == "example":
+    has = count > 0
+    per_example = (jnp.where(has, 1.0 / jnp.maximum(count, 1.0), 0.0)
+                   / jnp.maximum(has.sum().astype(jnp.float32), 1.0))
+  elif normalization == "sqrt":
+    per_example = (jnp.where(count > 0, jax.lax.rsqrt(jnp.maximum(count, 1.0)), 0.0)
+                   / jnp.maximum(jnp.sqrt(count).sum(), 1.0))
+  else:
+    answer_cross_entropy(count, count, normalization)  # raises the one error message
+  return loss_mask.astype(jnp.float32) * per_example[:, None]
+
+
 def token_cross_entropy_per_example(logits: jax.Array, targets: jax.Array,
                                     loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy and token count per example.
@@ -87,7 +105,8 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array,
 
 
 def chunked_token_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
-                                loss_mask: jax.Array, chunk_size: int
+                                loss_mask: jax.Array, chunk_size: int,
+                                normalization: str = "token"
                                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`token_cross_entropy` of logits = hidden @ kernel without ever holding [B, L, V] logits.
 
@@ -102,8 +121,9 @@ def chunked_token_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: j
     targets: [B, L] int; loss_mask: [B, L] bool.
     chunk_size: positions per chunk (L is padded up to a multiple).
   Returns:
-    (mean loss over answer tokens [] - differentiable, loss_sum [B], count [B]); the last two
-    are for logging (no gradient flows through them), as `token_cross_entropy_per_example`.
+    (the answer CE averaged as `normalization` says (answer_cross_entropy) [] - the one
+    differentiable output, loss_sum [B], count [B]); the last two are for logging (no gradient
+    flows through them), as `token_cross_entropy_per_example`.
   """
   if hidden.shape[:2] != targets.shape or targets.shape != loss_mask.shape:
     raise ValueError(f"chunked_token_cross_entropy: hidden {hidden.shape}, targets "
@@ -111,7 +131,7 @@ def chunked_token_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: j
   if chunk_size <= 0:
     raise ValueError(f"chunked_token_cross_entropy: chunk_size={chunk_size} must be positive")
   count = loss_mask.sum(axis=-1).astype(jnp.float32)
-  weights = loss_mask.astype(jnp.float32) / jnp.maximum(count.sum(), 1.0)
+  weights = answer_token_weights(loss_mask, normalization)
   mean, nll = _fused_cross_entropy(hidden, kernel, targets.astype(jnp.int32), weights,
                                    int(chunk_size))
   nll = jax.lax.stop_gradient(nll)

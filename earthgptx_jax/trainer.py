@@ -114,15 +114,16 @@ def compute_losses(model, config, trainable, batch, num_tasks: int):
   """
   params = model_params(trainable, config)
   out = model.apply({"params": params}, batch)
-  _, ce_sum, ce_count = llama.token_cross_entropy(out, params["llm"], config.model.llm,
-                                                  batch["targets"], batch["loss_mask"])
+  # The CE term is the first output: on the chunked path no gradient flows through the sums.
+  ce, ce_sum, ce_count = llama.token_cross_entropy(
+      out, params["llm"], config.model.llm, batch["targets"], batch["loss_mask"],
+      str(config.train.get("answer_ce", "token")))
   seg_valid = out.seg_valid & batch["seg_valid"]
   mask = losses.mask_losses(out.mask_logits, batch["seg_masks"], seg_valid)
   box_valid = out.box_valid & batch["box_valid"]
   box = losses.box_losses(out.boxes, batch["box_targets"], box_valid)
   terms = {
-      "ce": losses.answer_cross_entropy(ce_sum, ce_count,
-                                        str(config.train.get("answer_ce", "token"))),
+      "ce": ce,
       "mask_bce": mask["bce"],
       "mask_dice": mask["dice"],
       "box_l1": box["l1"],

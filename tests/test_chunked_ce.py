@@ -73,3 +73,31 @@ def test_llama_train_ce_chunked_equals_plain(tied):
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalization", ["token", "example", "sqrt"])
+def test_chunked_ce_differentiates_every_answer_ce_normalization(normalization):
+  """train.answer_ce on the chunked path: its one differentiable output is the CE averaged as
+  configured (the main job's 'sqrt' trained no text at all while the chunked path's gradient
+  was the token mean's and the sums, which carry none, were averaged)."""
+  rs = np.random.RandomState(1)
+  b, length, d, v = 3, 9, 6, 11
+  hidden = jnp.asarray(rs.randn(b, length, d).astype(np.float32))
+  kernel = jnp.asarray(rs.randn(d, v).astype(np.float32))
+  targets = jnp.asarray(rs.randint(0, v, (b, length)))
+  mask = jnp.asarray(rs.rand(b, length) > np.array([[0.2], [0.8], [1.1]]))  # 3rd: no answer
+
+  def plain(h, k):
+    loss_sum, count = losses.token_cross_entropy_per_example(
+        jnp.einsum("bld,dv->blv", h, k), targets, mask)
+    return losses.answer_cross_entropy(loss_sum, count, normalization)
+
+  def chunked(h, k):
+    return losses.chunked_token_cross_entropy(h, k, targets, mask, 4, normalization)[0]
+
+  np.testing.assert_allclose(chunked(hidden, kernel), plain(hidden, kernel), rtol=1e-6)
+  got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, kernel)
+  want = jax.grad(plain, argnums=(0, 1))(hidden, kernel)
+  assert float(jnp.abs(got[1]).max()) > 0
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

@@ -419,8 +419,11 @@ def output_kernel(params, config: ml_collections.ConfigDict) -> Array:
 
 
 def token_cross_entropy(out: LlamaOutput, params, config: ml_collections.ConfigDict,
-                        targets: Array, loss_mask: Array) -> tuple[Array, Array, Array]:
-  """Next-token CE of a forward's output: (mean over answer tokens [], loss_sum [B], count [B]).
+                        targets: Array, loss_mask: Array, normalization: str = "token"
+                        ) -> tuple[Array, Array, Array]:
+  """Next-token CE of a forward's output: (the CE averaged as `normalization` says
+  (losses.answer_cross_entropy) [], loss_sum [B], count [B]); only the first is differentiable
+  on the chunked path.
 
   With `config.ce_chunk_size` > 0 it never forms `out.logits` (losses.chunked_token_cross_entropy
   from the hidden states and the output kernel; under jit XLA then drops the unused logits);
@@ -429,6 +432,6 @@ def token_cross_entropy(out: LlamaOutput, params, config: ml_collections.ConfigD
   chunk = int(config.get("ce_chunk_size", 0) or 0)
   if chunk > 0:
     return losses.chunked_token_cross_entropy(out.hidden_states, output_kernel(params, config),
-                                              targets, loss_mask, chunk)
+                                              targets, loss_mask, chunk, normalization)
   loss_sum, count = losses.token_cross_entropy_per_example(out.logits, targets, loss_mask)
-  return loss_sum.sum() / jnp.maximum(count.sum(), 1.0), loss_sum, count
+  return losses.answer_cross_entropy(loss_sum, count, normalization), loss_sum, count
