@@ -43,14 +43,14 @@ def _train_tiny(tmp_path, *overrides: str) -> dict:
 # Each task's headline (tasks.py) asserted at about 80 % of what the main job measured
 # (docs/experiments.md), with the chance level where the task has one.
 THRESHOLDS = {
-    "scene_classification": 0.38,  # measured 0.482, chance 0.25
-    "image_caption": 0.85,  # 1.059
-    "vqa": 0.35,  # 0.436
-    "referring_classification": 0.22,  # 0.264, chance 0.20
-    "region_caption": 1.4,  # 1.770
+    "scene_classification": 0.55,  # measured 0.691 (run E5), chance 0.25
+    "image_caption": 1.75,  # 2.211
+    "vqa": 0.45,  # 0.573
+    "referring_classification": 0.15,  # 0.200 = the class prior: not learned yet; a guard only
+    "region_caption": 1.35,  # 1.690
     "relation_reasoning": 0.0,  # 0.0: not learned yet (docs/experiments.md)
-    "box_grounding": 0.23,  # 0.291
-    "referring_segmentation": 0.2,  # 0.248
+    "box_grounding": 0.27,  # 0.345
+    "referring_segmentation": 0.21,  # 0.263
 }
 
 
