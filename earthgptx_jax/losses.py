@@ -40,16 +40,20 @@ def answer_cross_entropy(loss_sum: jax.Array, count: jax.Array, normalization: s
   answers that need the image (docs/experiments.md). "sqrt": examples weighted by the square
   root of their answer tokens, between the two.
   """
+  return jnp.sum(_example_weights(count, normalization) * loss_sum)
+
+
+def _example_weights(count: jax.Array, normalization: str) -> jax.Array:
+  """[B] weight of each example's loss sum (of its `count` answer tokens) in the answer CE."""
   if normalization == "token":
-    return loss_sum.sum() / jnp.maximum(count.sum(), 1.0)
+    return jnp.full_like(count, 1.0) / jnp.maximum(count.sum(), 1.0)
   if normalization == "example":
     has = count > 0
-    per_example = jnp.where(has, loss_sum / jnp.maximum(count, 1.0), 0.0)
-    return per_example.sum() / jnp.maximum(has.sum().astype(jnp.float32), 1.0)
-  if normalization == "sqrt":
-    weight = jnp.sqrt(count)  # between the two: a 16-token caption weighs 4 one-word answers
-    per_example = loss_sum / jnp.maximum(count, 1.0)
-    return (weight * per_example).sum() / jnp.maximum(weight.sum(), 1.0)
+    return (jnp.where(has, 1.0 / jnp.maximum(count, 1.0), 0.0)
+            / jnp.maximum(has.sum().astype(jnp.float32), 1.0))
+  if normalization == "sqrt":  # sqrt(n) * (sum / n): a 16-token caption weighs 4 short answers
+    return (jnp.where(count > 0, jax.lax.rsqrt(jnp.maximum(count, 1.0)), 0.0)
+            / jnp.maximum(jnp.sqrt(count).sum(), 1.0))
   raise ValueError(f"train.answer_ce: unknown value {normalization!r}; expected 'token', "
                    "'example' or 'sqrt'")
 
@@ -58,17 +62,7 @@ def answer_token_weights(loss_mask: jax.Array, normalization: str) -> jax.Array:
   """[B, L] weights w with sum(w * nll) == answer_cross_entropy(loss_sum, count, normalization):
   the form the chunked CE needs, which forms its gradient in the forward pass."""
   count = loss_mask.sum(axis=-1).astype(jnp.float32)
-  if normalization == "token":
-    per_example = jnp.full_like(count, 1.0) / jnp.maximum(count.sum(), 1.0)
-  elif normalization == "example":
-    has = count > 0
-    per_example = (jnp.where(has, 1.0 / jnp.maximum(count, 1.0), 0.0)
-                   / jnp.maximum(has.sum().astype(jnp.float32), 1.0))
-  elif normalization == "sqrt":
-    per_example = (jnp.where(count > 0, jax.lax.rsqrt(jnp.maximum(count, 1.0)), 0.0)
-                   / jnp.maximum(jnp.sqrt(count).sum(), 1.0))
-  else:
-    answer_cross_entropy(count, count, normalization)  # raises the one error message
+  per_example = _example_weights(count, normalization)
   return loss_mask.astype(jnp.float32) * per_example[:, None]
 
 
