@@ -235,13 +235,13 @@ def _fmt(value) -> str:
 
 def print_table(rows: list[dict]) -> None:
   header = (f"{'measurement':58s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}  "
-            f"{'bound / check':42s} {'target':22s} note")
+            f"{'bound / check':42s} {'target':22s} {'load':9s} note")
   print(header)
   print("-" * len(header))
   for r in rows:
     ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
     print(f"{r['name']:58s} {_fmt(r['ours']):>10s} {_fmt(r['reference']):>10s} {ratio:>7s}  "
-          f"{r['bound']:42s} {r['target']:22s} {r['note']}")
+          f"{r['bound']:42s} {r['target']:22s} {r['load']:9s} {r['note']}")
 
 
 def main():
@@ -281,8 +281,12 @@ def main():
   rows = []
   for names, measure in sections:
     if names & set(args.rows):
+      load_before = os.getloadavg()[0]
       new = measure(args, results)
+      # The machine may be shared: a loaded reference flatters us, so each row says how busy it was.
+      load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
       for r in new:  # progress: the full table comes at the end
+        r["load"] = load
         print(f"[run_all] {r['name']}: ours {_fmt(r['ours'])} ref {_fmt(r['reference'])}",
               flush=True)
       rows += new

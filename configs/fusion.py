@@ -197,6 +197,10 @@ def _data() -> ConfigDict:
   # batches whatever its share of the stored records (pipeline.task_components).
   data.mix_tasks = False
   data.task_weights = ConfigDict({task: 1.0 for task in tasks.NAMES})
+  # The mixture is a fixed interleave of its components (by source and task it fills a batch
+  # from one sensor); each window of this many examples is shuffled, keeping its proportions.
+  # 0: the interleave as it is.
+  data.mix_window = 256
   # Tasks of the alignment stage (train.alignment_steps; pipeline.StagedBatchIterator).
   data.alignment_tasks = ("scene_classification", "image_caption", "referring_segmentation")
   # Train-data shards, each its own record stream and row block of the global batch; a process

@@ -7,6 +7,7 @@
                                                checkpointed state; with data.mix_tasks one
                                                component per (source, task), weighted by
                                                data.task_weights (task_components)
+  -> window shuffle (data.mix_window)          batches draw sensors and tasks at random
   -> map(ExampleProcessor)    examples.py: decode, validate, preprocess, zoom views, prompts,
                               template + tokenisation with the answer-only loss mask, padding
   -> skip bad records         bad_records.py: counted per reason, logged, attached to the next
@@ -194,7 +195,8 @@ def mixed_indices(config: ml_collections.ConfigDict, sizes: Mapping[str, int], p
   """Endless weighted mixture of (component name, record index) over this process's shards.
 
   Each component is shuffled (differently every epoch) and repeated, so the mixture never
-  ends; `IterDataset.mix` over a dict keeps each component's position in the state.
+  ends; `IterDataset.mix` over a dict keeps each component's position in the state; with
+  `data.mix_window` > 1 the mixed stream is shuffled in windows of that many elements.
   """
   weights = sources.weights(config)
   shards = {name: _shard(sizes[name], name, process_index, process_count) for name in weights}
@@ -209,7 +211,16 @@ def mixed_indices(config: ml_collections.ConfigDict, sizes: Mapping[str, int], p
     # Indices are free to produce: no read threads (records are read after the mix).
     components[key] = ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
                                                            prefetch_buffer_size=0))
-  return grain.IterDataset.mix(components, {key: w for key, (_, _, w) in parts.items()})
+  mixed = grain.IterDataset.mix(components, {key: w for key, (_, _, w) in parts.items()})
+  window = int(config.data.get("mix_window", 0) or 0)
+  if window <= 1:
+    return mixed
+  # grain's mix is a fixed interleave: by (source, task) it fills a whole batch from one
+  # sensor. Shuffling each window of the index stream keeps the window's proportions and
+  # gives every batch a random draw of sensors and tasks; its state is the window's start, so
+  # a resume re-reads that window's indices (no records) and stays exact.
+  return grain.experimental.WindowShuffleIterDataset(mixed, window_size=window,
+                                                     seed=int(config.seed) * 1013 + 7)
 
 
 def task_components(config: ml_collections.ConfigDict, shards: Mapping[str, Sequence[int]],
@@ -219,9 +230,7 @@ def task_components(config: ml_collections.ConfigDict, shards: Mapping[str, Sequ
 
   Task t gets the share data.task_weights[t] / (their sum over the tasks present) of the
   mixture, whatever its share of the stored records; within a task, the sources that hold it
-  split it by their source weights. Equal weights interleave the components evenly (grain's
-  mix is a deterministic interleave; keys sort source-major), so every batch of len(TASKS)
-  examples holds each task once. The task of every record of this process's shard is read
+  split it by their source weights. The task of every record of this process's shard is read
   once, here (~0.2 ms a record). `tasks` (the alignment stage's) keeps only those.
   """
   task_weights = {t: float(config.data.task_weights.get(t, 0.0)) for t in schema.TASKS}

@@ -235,24 +235,33 @@ def test_mixing_proportions_within_2_percent(config):
                                            "synthetic_rs_infrared")
 
 
-def test_task_mixing_weights_tasks_and_every_batch_carries_each(config, tokenizer, tmp_path):
-  """data.mix_tasks: the mixture is over (source, task); equal task weights put every task in
-  each batch of len(TASKS) examples whatever the stored task shares, a task's weight sets its
-  share, a zero weight leaves it out, and the position resumes exactly through Orbax."""
+def test_task_mixing_weights_tasks_and_batches_mix_sensors(config, tokenizer, tmp_path):
+  """data.mix_tasks: the mixture is over (source, task); equal task weights give every task its
+  equal share of each shuffled window whatever the stored task shares, batches draw several
+  sensors (grain's interleave alone filled a batch from one), a task's weight sets its share,
+  a zero weight leaves it out, and the position resumes exactly through Orbax."""
   mixed = config.copy_and_resolve_references()
   mixed.data.mix_tasks = True
   for task in schema.TASKS:
     mixed.data.task_weights[task] = 1.0
   mixed.train.batch_size = len(schema.TASKS)
+  assert mixed.data.mix_window == 256
   it = pipeline.make_train_iterator(mixed, tokenizer)
-  for _ in range(6):
-    assert sorted(next(it)["task_id"].tolist()) == list(range(len(schema.TASKS)))
+  batches = [next(it) for _ in range(256 // len(schema.TASKS))]  # one window
+  tasks = collections.Counter(t for b in batches for t in b["task_id"].tolist())
+  assert all(abs(tasks[t] - 256 / len(schema.TASKS)) <= 1 for t in range(len(schema.TASKS))), tasks
+  mixed_sensors = sum(len(set(b["modality_id"].tolist())) > 1 for b in batches)
+  assert mixed_sensors >= 0.9 * len(batches), [b["modality_id"].tolist() for b in batches]
+  assert any(sorted(b["task_id"].tolist()) != sorted(batches[0]["task_id"].tolist())
+             for b in batches)
+  for _ in range(3):  # into the next window: its state is the window's start and a position
+    next(it)
   with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as mngr:
-    mngr.save(6, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.save(35, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
     expected = [next(it) for _ in range(3)]
     fresh = pipeline.make_train_iterator(mixed, tokenizer)
-    mngr.restore(6, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+    mngr.restore(35, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
   _assert_continues_with(fresh, expected)
 
   mixed.data.task_weights.box_grounding = 3.0

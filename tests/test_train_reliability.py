@@ -123,8 +123,7 @@ def _finish(proc, cwd):
 @pytest.mark.slow
 def test_sigterm_during_data_preparation_exits_zero_saying_nothing_was_saved(tmp_path):
   proc = _start(tmp_path, "--config.train.steps=4")  # fresh data: it is generated first
-  assert _wait_for(lambda: "Downloading and preparing" in (tmp_path / "out.txt").read_text(),
-                   proc)
+  assert _wait_for(lambda: "generating synthetic_rs/" in (tmp_path / "err.txt").read_text(), proc)
   proc.send_signal(signal.SIGTERM)
   code, lines = _finish(proc, tmp_path)
   assert code == 0, lines[-20:]
