@@ -43,6 +43,14 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
   if dist.get("local_device_ids", None) is not None:
     kwargs["local_device_ids"] = list(dist.local_device_ids)
   jax.distributed.initialize(**kwargs)
+  if (jax.process_count() > 1 and jax.default_backend() == "cpu"
+      and jax.config.jax_compilation_cache_dir):
+    # jaxlib 0.10.2: a multi-process CPU train step loaded back from the persistent cache
+    # segfaults in process 0 (the second run of the same job; reproduced with two local
+    # processes). Compiling again costs a minute; a crash costs the run.
+    jax.config.update("jax_compilation_cache_dir", None)
+    logging.warning("compilation cache off: %d CPU processes do not load cached programs",
+                    jax.process_count())
   logging.info("distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
