@@ -235,33 +235,24 @@ def test_mixing_proportions_within_2_percent(config):
                                            "synthetic_rs_infrared")
 
 
-def test_task_mixing_weights_tasks_and_batches_mix_sensors(config, tokenizer, tmp_path):
-  """data.mix_tasks: the mixture is over (source, task); equal task weights give every task its
-  equal share of each shuffled window whatever the stored task shares, batches draw several
-  sensors (grain's interleave alone filled a batch from one), a task's weight sets its share,
-  a zero weight leaves it out, and the position resumes exactly through Orbax."""
+def test_task_mixing_weights_tasks_and_every_batch_carries_each(config, tokenizer, tmp_path):
+  """data.mix_tasks: the mixture is over (source, task); equal task weights put every task in
+  each batch of len(TASKS) examples whatever the stored task shares, a task's weight sets its
+  share, a zero weight leaves it out, and the position resumes exactly through Orbax."""
   mixed = config.copy_and_resolve_references()
   mixed.data.mix_tasks = True
   for task in schema.TASKS:
     mixed.data.task_weights[task] = 1.0
   mixed.train.batch_size = len(schema.TASKS)
-  assert mixed.data.mix_window == 256
   it = pipeline.make_train_iterator(mixed, tokenizer)
-  batches = [next(it) for _ in range(256 // len(schema.TASKS))]  # one window
-  tasks = collections.Counter(t for b in batches for t in b["task_id"].tolist())
-  assert all(abs(tasks[t] - 256 / len(schema.TASKS)) <= 1 for t in range(len(schema.TASKS))), tasks
-  mixed_sensors = sum(len(set(b["modality_id"].tolist())) > 1 for b in batches)
-  assert mixed_sensors >= 0.9 * len(batches), [b["modality_id"].tolist() for b in batches]
-  assert any(sorted(b["task_id"].tolist()) != sorted(batches[0]["task_id"].tolist())
-             for b in batches)
-  for _ in range(3):  # into the next window: its state is the window's start and a position
-    next(it)
+  for _ in range(6):
+    assert sorted(next(it)["task_id"].tolist()) == list(range(len(schema.TASKS)))
   with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as mngr:
-    mngr.save(35, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.save(6, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
     expected = [next(it) for _ in range(3)]
     fresh = pipeline.make_train_iterator(mixed, tokenizer)
-    mngr.restore(35, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+    mngr.restore(6, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
   _assert_continues_with(fresh, expected)
 
   mixed.data.task_weights.box_grounding = 3.0
@@ -277,6 +268,42 @@ def test_task_mixing_weights_tasks_and_batches_mix_sensors(config, tokenizer, tm
   mixed.data.task_weights.land_cover = 1.0
   with pytest.raises(ValueError, match="data.task_weights.*land_cover"):
     pipeline.mixed_indices(mixed, sizes, 0, 1)
+
+
+def test_mix_window_mixes_sensors_keeps_task_shares_and_resumes_mid_window(config, tokenizer,
+                                                                          tmp_path):
+  """data.mix_window: grain's interleave by (source, task) fills a batch from one sensor; a
+  shuffled window gives batches several sensors, keeps each task's share of the window, and a
+  checkpoint in the middle of a window resumes exactly."""
+  mixed = config.copy_and_resolve_references()
+  mixed.data.mix_tasks = True
+  for task in schema.TASKS:
+    mixed.data.task_weights[task] = 1.0
+  mixed.train.batch_size = len(schema.TASKS)
+
+  def sensors_per_batch(window: int, batches: int) -> list[int]:
+    mixed.data.mix_window = window
+    it = pipeline.make_train_iterator(mixed, tokenizer)
+    return [len(set(next(it)["modality_id"].tolist())) for _ in range(batches)]
+
+  assert set(sensors_per_batch(0, 6)) == {1}
+  window = 256
+  mixed.data.mix_window = window
+  it = pipeline.make_train_iterator(mixed, tokenizer)
+  batches = [next(it) for _ in range(window // len(schema.TASKS))]
+  tasks = collections.Counter(t for b in batches for t in b["task_id"].tolist())
+  share = window / len(schema.TASKS)
+  assert all(abs(tasks[t] - share) <= 1 for t in range(len(schema.TASKS))), tasks
+  assert sum(len(set(b["modality_id"].tolist())) > 1 for b in batches) >= 0.9 * len(batches)
+  for _ in range(3):  # into the next window
+    next(it)
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as mngr:
+    mngr.save(35, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    expected = [next(it) for _ in range(3)]
+    fresh = pipeline.make_train_iterator(mixed, tokenizer)
+    mngr.restore(35, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+  _assert_continues_with(fresh, expected)
 
 
 def test_eval_examples_per_task_caps_each_task(config, tokenizer):
@@ -443,6 +470,7 @@ def test_worker_processes_resume_exactly(config, tokenizer):
   flags.FLAGS.mark_as_parsed()  # grain reads its absl flags in the workers
   multi = config.copy_and_resolve_references()
   multi.data.num_workers = 2
+  multi.data.mix_window = 64  # batches of several sensors (the interleave gives one a batch)
   it = pipeline.make_train_iterator(multi, tokenizer)
   got = [next(it) for _ in range(2)]
   state = it.get_state()
