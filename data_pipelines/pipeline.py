@@ -212,7 +212,10 @@ def mixed_indices(config: ml_collections.ConfigDict, sizes: Mapping[str, int], p
     components[key] = ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
                                                            prefetch_buffer_size=0))
   mixed = grain.IterDataset.mix(components, {key: w for key, (_, _, w) in parts.items()})
-  window = int(config.data.get("mix_window", 0) or 0)
+  window = config.data.get("mix_window", 0) or 0
+  if not isinstance(window, int) or window < 0:
+    raise ValueError(f"data.mix_window: need a whole number of examples >= 0 (0: no shuffle), "
+                     f"got {window!r}")
   if window <= 1:
     return mixed
   # grain's mix is a fixed interleave: by (source, task) it fills a whole batch from one

@@ -287,6 +287,9 @@ def test_mix_window_mixes_sensors_keeps_task_shares_and_resumes_mid_window(confi
     return [len(set(next(it)["modality_id"].tolist())) for _ in range(batches)]
 
   assert set(sensors_per_batch(0, 6)) == {1}
+  mixed.data.mix_window = -8
+  with pytest.raises(ValueError, match=r"data.mix_window: .* got -8"):
+    pipeline.make_train_iterator(mixed, tokenizer)
   window = 256
   mixed.data.mix_window = window
   it = pipeline.make_train_iterator(mixed, tokenizer)
