@@ -247,13 +247,7 @@ def test_task_mixing_weights_tasks_and_every_batch_carries_each(config, tokenize
   it = pipeline.make_train_iterator(mixed, tokenizer)
   for _ in range(6):
     assert sorted(next(it)["task_id"].tolist()) == list(range(len(schema.TASKS)))
-  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as mngr:
-    mngr.save(6, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-    expected = [next(it) for _ in range(3)]
-    fresh = pipeline.make_train_iterator(mixed, tokenizer)
-    mngr.restore(6, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
-  _assert_continues_with(fresh, expected)
+  _assert_resumes_through_orbax(it, mixed, tokenizer, tmp_path)
 
   mixed.data.task_weights.box_grounding = 3.0
   mixed.data.task_weights.vqa = 0.0
@@ -300,13 +294,7 @@ def test_mix_window_mixes_sensors_keeps_task_shares_and_resumes_mid_window(confi
   assert sum(len(set(b["modality_id"].tolist())) > 1 for b in batches) >= 0.9 * len(batches)
   for _ in range(3):  # into the next window
     next(it)
-  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as mngr:
-    mngr.save(35, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-    expected = [next(it) for _ in range(3)]
-    fresh = pipeline.make_train_iterator(mixed, tokenizer)
-    mngr.restore(35, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
-  _assert_continues_with(fresh, expected)
+  _assert_resumes_through_orbax(it, mixed, tokenizer, tmp_path)
 
 
 def test_eval_examples_per_task_caps_each_task(config, tokenizer):
@@ -329,17 +317,22 @@ def _assert_continues_with(iterator, expected_batches):
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def _assert_resumes_through_orbax(it, config, tokenizer, tmp_path):
+  """`it`'s position saved with Orbax and restored into a fresh iterator gives its next batches."""
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as mngr:
+    mngr.save(1, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    expected = [next(it) for _ in range(3)]
+    fresh = pipeline.make_train_iterator(config, tokenizer)
+    mngr.restore(1, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+  _assert_continues_with(fresh, expected)
+
+
 def test_resume_from_orbax_gives_identical_batches(config, tokenizer, tmp_path):
   it = pipeline.make_train_iterator(config, tokenizer)
   for _ in range(2):
     next(it)
-  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",)) as mngr:
-    mngr.save(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-    expected = [next(it) for _ in range(3)]
-    fresh = pipeline.make_train_iterator(config, tokenizer)
-    mngr.restore(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
-  _assert_continues_with(fresh, expected)
+  _assert_resumes_through_orbax(it, config, tokenizer, tmp_path)
 
 
 def test_processes_get_disjoint_shards(config, tokenizer):
