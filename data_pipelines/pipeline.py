@@ -51,7 +51,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from data_pipelines import bad_records, builders, examples, schema, slots, sources
+from data_pipelines import bad_records, builders, examples, schema, slots, sources, synthetic
 from earthgptx_jax import batch as batch_lib
 from earthgptx_jax import tokenizer as tokenizer_lib
 
@@ -84,6 +84,45 @@ def prepare(config: ml_collections.ConfigDict, tokenizer) -> Data:
   return Data(config=config, tokenizer=tokenizer)
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises the one-line error of a data setting that cannot work, before anything is written
+  or generated: found where it is used, it would come after minutes of data generation and
+  leave a new, empty workdir behind."""
+  mix_window(config)
+  checked_task_weights(config)
+  if int(config.train.get("alignment_steps", 0) or 0) > 0:
+    alignment_tasks(config)
+  if any(config.data.sources[n].dataset.startswith("synthetic_rs/") for n in config.data.sources):
+    synthetic.check_config(config.data.synthetic)
+
+
+def mix_window(config: ml_collections.ConfigDict) -> int:
+  window = config.data.get("mix_window", 0) or 0
+  if not isinstance(window, int) or window < 0:
+    raise ValueError(f"data.mix_window: need a whole number of examples >= 0 (0: no shuffle), "
+                     f"got {window!r}")
+  return window
+
+
+def checked_task_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """data.task_weights for every task of schema.TASKS (0 where unset)."""
+  task_weights = {t: float(config.data.task_weights.get(t, 0.0)) for t in schema.TASKS}
+  unknown = sorted(set(config.data.task_weights) - set(schema.TASKS))
+  if unknown or any(w < 0 for w in task_weights.values()):
+    raise ValueError(f"data.task_weights: {dict(config.data.task_weights)!r} must be >= 0 and "
+                     f"name tasks of {schema.TASKS} (unknown: {unknown})")
+  return task_weights
+
+
+def alignment_tasks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  tasks = tuple(config.data.alignment_tasks)
+  unknown = [t for t in tasks if t not in schema.TASKS]
+  if not tasks or unknown:
+    raise ValueError(f"data.alignment_tasks: {tasks!r} must name tasks of {schema.TASKS} "
+                     f"(unknown: {unknown})")
+  return tasks
+
+
 # ----------------------------------------------------------------------------------------------
 # Training: the endless mixture.
 
@@ -110,12 +149,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer, split: str
   alignment_steps = int(config.train.get("alignment_steps", 0) or 0)
   if alignment_steps <= 0:
     return batches()
-  tasks = tuple(config.data.alignment_tasks)
-  unknown = [t for t in tasks if t not in schema.TASKS]
-  if not tasks or unknown:
-    raise ValueError(f"data.alignment_tasks: {tasks!r} must name tasks of {schema.TASKS} "
-                     f"(unknown: {unknown})")
-  return StagedBatchIterator(batches(tasks), batches(), alignment_steps)
+  return StagedBatchIterator(batches(alignment_tasks(config)), batches(), alignment_steps)
 
 
 class StagedBatchIterator(grain.DatasetIterator):
@@ -212,10 +246,7 @@ def mixed_indices(config: ml_collections.ConfigDict, sizes: Mapping[str, int], p
     components[key] = ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
                                                            prefetch_buffer_size=0))
   mixed = grain.IterDataset.mix(components, {key: w for key, (_, _, w) in parts.items()})
-  window = config.data.get("mix_window", 0) or 0
-  if not isinstance(window, int) or window < 0:
-    raise ValueError(f"data.mix_window: need a whole number of examples >= 0 (0: no shuffle), "
-                     f"got {window!r}")
+  window = mix_window(config)
   if window <= 1:
     return mixed
   # grain's mix is a fixed interleave: by (source, task) it fills a whole batch from one
@@ -236,11 +267,7 @@ def task_components(config: ml_collections.ConfigDict, shards: Mapping[str, Sequ
   split it by their source weights. The task of every record of this process's shard is read
   once, here (~0.2 ms a record). `tasks` (the alignment stage's) keeps only those.
   """
-  task_weights = {t: float(config.data.task_weights.get(t, 0.0)) for t in schema.TASKS}
-  unknown = sorted(set(config.data.task_weights) - set(schema.TASKS))
-  if unknown or any(w < 0 for w in task_weights.values()):
-    raise ValueError(f"data.task_weights: {dict(config.data.task_weights)!r} must be >= 0 and "
-                     f"name tasks of {schema.TASKS} (unknown: {unknown})")
+  task_weights = checked_task_weights(config)
   if tasks is not None:
     task_weights = {t: (w if t in tasks else 0.0) for t, w in task_weights.items()}
   source_weights = sources.weights(config)

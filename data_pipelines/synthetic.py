@@ -92,7 +92,8 @@ class Scene:
   objects: tuple[SceneObject, ...]
 
 
-def _check_config(cfg) -> None:
+def check_config(cfg) -> None:
+  """Raises a ValueError naming the `data.synthetic` field whose value cannot work."""
   if not 1 <= cfg.num_land_cover <= len(LAND_COVER):
     raise ValueError(f"data.synthetic.num_land_cover: {cfg.num_land_cover} not in "
                      f"1..{len(LAND_COVER)}")
@@ -406,7 +407,7 @@ def make_conversation(scene: Scene, task: str, rng: np.random.Generator, cfg):
 
 def make_record(modality: str, split: str, index: int, cfg) -> schema.Record:
   """The `index`-th record of `split` for `modality`: a pure function of its arguments."""
-  _check_config(cfg)
+  check_config(cfg)
   if modality not in schema.MODALITIES:
     raise ValueError(f"modality: unknown value {modality!r}; expected one of "
                      f"{schema.MODALITIES}")

@@ -101,6 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (resuming if possible) to `config.train.steps`; returns the final metrics."""
   initialize_distributed(config)
   preemption = PreemptionFlag()  # first: a SIGTERM during data preparation or compile is handled
+  pipeline.check_config(config)  # before the workdir exists: a bad setting leaves nothing
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   # One owner per workdir, taken before any data preparation or compile (workdir_lock.py).
