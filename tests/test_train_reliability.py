@@ -72,16 +72,17 @@ def test_misspelled_override_is_one_line_naming_the_setting(tmp_path):
   assert code == 2 and "(did you mean --config.train.steps?)" in lines[-1]
 
 
-@pytest.mark.parametrize("override,named", [
-    ("--config.data.mix_window=-8", "error: data.mix_window: need a whole number of examples"),
-    ("--config.data.task_weights.vqa=-1.0", "error: data.task_weights: "),
-    ("--config.data.alignment_tasks=('captions',)", "error: data.alignment_tasks: ('captions',)"),
-    ("--config.data.synthetic.max_objects=1", "error: data.synthetic.max_objects: need >= 2"),
+@pytest.mark.parametrize("overrides,named", [
+    (("--config.data.mix_window=-8",), "error: data.mix_window: need a whole number of examples"),
+    (("--config.data.task_weights.vqa=-1.0",), "error: data.task_weights: "),
+    (("--config.train.alignment_steps=5", "--config.data.alignment_tasks=('captions',)"),
+     "error: data.alignment_tasks: ('captions',)"),
+    (("--config.data.synthetic.max_objects=1",), "error: data.synthetic.max_objects: need >= 2"),
 ])
-def test_bad_data_setting_is_one_line_and_writes_nothing(tmp_path, override, named):
+def test_bad_data_setting_is_one_line_and_writes_nothing(tmp_path, overrides, named):
   """Checked before the workdir or the data exist: no new empty workdir, no minutes of data
   generation before the error."""
-  code, lines = _run(tmp_path, override)
+  code, lines = _run(tmp_path, *overrides)
   assert code == 2, lines[-5:]
   assert lines[-1].startswith(named), lines[-1]
   assert not (tmp_path / "run").exists()
