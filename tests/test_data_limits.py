@@ -136,9 +136,10 @@ def test_tiny_trains_on_real_hit_uav_without_skipping_records(built, tmp_path):
                       ).save_pretrained(tokenizer)
   config = _config_reading(data_dir, "hit_uav")
   config.model.llm.tokenizer_path = str(tokenizer)
-  config.train.alignment_steps = 200  # the preset's
-  # An alignment stage needs image-level tasks that HIT-UAV has none of: said at start-up
-  # (its task filter would otherwise wait forever for a first record).
+  config.train.alignment_steps = 200
+  config.data.alignment_tasks = ("scene_classification", "image_caption")
+  # An alignment stage of image-level tasks, which HIT-UAV has none of: said at start-up (its
+  # task filter would otherwise wait forever for a first record).
   with pytest.raises(ValueError, match=r"train.alignment_steps=200 but no source \(\['hit_uav'\]\)"
                      r" has test records of data.alignment_tasks .*alignment_steps=0"):
     _prepare(config)
