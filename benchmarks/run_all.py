@@ -36,6 +36,11 @@ benchmarks/results/run_all.json (git-ignored).
 
 from __future__ import annotations
 
+from earthgptx_jax import host_memory
+
+if __name__ == "__main__":  # as the train command does, before the imports below
+  host_memory.reexec_with_huge_page_malloc()
+
 import argparse
 import datetime
 import json

@@ -15,6 +15,11 @@ of the float32 GEMM rate measured in the same run, and the process's peak RSS af
 
 from __future__ import annotations
 
+from earthgptx_jax import host_memory
+
+if __name__ == "__main__":  # as the train command does, before the imports below
+  host_memory.reexec_with_huge_page_malloc()
+
 import argparse
 import json
 import pathlib

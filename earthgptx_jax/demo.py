@@ -10,6 +10,11 @@ earthgptx_jax/demo_server.py; requests go through the same Predictor as infer.
 
 from __future__ import annotations
 
+from earthgptx_jax import host_memory
+
+if __name__ == "__main__":  # before the imports below, which it would repeat: it restarts
+  host_memory.reexec_with_huge_page_malloc()  # the process with huge-page malloc
+
 import sys
 
 from absl import app, flags

@@ -8,6 +8,11 @@ How answers, boxes and masks are generated and scored: evaluation.py and metrics
 
 from __future__ import annotations
 
+from earthgptx_jax import host_memory
+
+if __name__ == "__main__":  # before the imports below, which it would repeat: it restarts
+  host_memory.reexec_with_huge_page_malloc()  # the process with huge-page malloc
+
 import os
 import sys
 

@@ -14,6 +14,11 @@ the workdir: a cache folder inside it is not used.
 
 from __future__ import annotations
 
+from earthgptx_jax import host_memory
+
+if __name__ == "__main__":  # before the imports below, which it would repeat: it restarts
+  host_memory.reexec_with_huge_page_malloc()  # the process with huge-page malloc
+
 import json
 import os
 import pathlib

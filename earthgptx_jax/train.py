@@ -16,6 +16,11 @@ unexpected one keeps its traceback above the last line.
 
 from __future__ import annotations
 
+from earthgptx_jax import host_memory
+
+if __name__ == "__main__":  # before the imports below, which it would repeat: it restarts
+  host_memory.reexec_with_huge_page_malloc()  # the process with huge-page malloc
+
 import difflib
 import importlib.util
 import os
