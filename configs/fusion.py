@@ -386,7 +386,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             alignment_tasks=("scene_classification", "image_caption", "referring_segmentation",
                              "referring_classification")),
         "train": dict(
-            # 3200 steps fit the 10-minute budget since the huge-page malloc (host_memory.py).
+            # 3200 steps since the huge-page malloc (host_memory.py) made the step ~1/3 faster;
+            # cold wall 13 min 54 s at a slow hour (README, docs/experiments.md H1-H5).
             batch_size=8, steps=3200, learning_rate=1e-3, warmup_steps=20,
             alignment_steps=400,  # random-init encoders need it (docs/experiments.md)
             answer_ce="sqrt",  # a caption weighs a few one-word answers, not ~16
