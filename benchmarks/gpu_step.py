@@ -267,6 +267,8 @@ def main():
   parser.add_argument("--xla_flags", nargs="*", default=None, help="more XLA_FLAGS")
   parser.add_argument("--no_hfu", action="store_true",
                       help="skip lowering the unrolled step for the HFU count")
+  parser.add_argument("--no_loop", action="store_true",
+                      help="skip the tiny preset's loop / compiled-step ratio (the last stage)")
   parser.add_argument("--out", default="benchmarks/results/gpu_step.json")
   args = parser.parse_args()
   _xla_options(args)
@@ -329,8 +331,9 @@ def main():
   print("peak device memory: " + (f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes else
                                   f"not reported by {jax.default_backend()}; process peak RSS "
                                   f"{peak_rss_gb():.2f} GB"))
-  with stage("loop"):
-    report["loop"] = bench_loop()
+  if not args.no_loop:
+    with stage("loop"):
+      report["loop"] = bench_loop()
   report["finished"] = True
   stage.write()
   print(f"wrote {stage.out}")
