@@ -121,11 +121,23 @@ def test_postprocess_masks_matches_hf_post_process_masks(original_hw):
   want = processor.post_process_masks([torch.from_numpy(low_res)], [list(original_hw)],
                                       [list(reshaped)], pad_size={"height": S, "width": S},
                                       binarize=False)[0].numpy()
-  got = np.asarray(pixel.postprocess_masks(jnp.asarray(low_res), original_hw, S))
-  assert got.shape == (1, 2, *original_hw)
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  binary = pixel.postprocess_masks(jnp.asarray(low_res), original_hw, S, binarize=True)
-  np.testing.assert_array_equal(np.asarray(binary), want > 0.0)
+  got = pixel.postprocess_masks(low_res, original_hw, S)
+  assert got.shape == (1, 2, *original_hw) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)  # HF computes in float32
+  binary = pixel.postprocess_masks(low_res, original_hw, S, binarize=True)
+  np.testing.assert_array_equal(binary, want > 0.0)
+
+
+@pytest.mark.parametrize("r,size", [(256, 64), (16, 256), (64, 64)])
+def test_bilinear_resize_matrix_is_torch_interpolate(r, size):
+  """Each axis's matrix reproduces torch's bilinear resize (align_corners=False), both ways."""
+  x = np.random.default_rng(1).normal(size=(1, 1, r, r))
+  for out in (size, 37):
+    want = torch.nn.functional.interpolate(torch.from_numpy(x), (out, out), mode="bilinear",
+                                           align_corners=False).numpy()[0, 0]
+    m = pixel.bilinear_resize_matrix(r, out)
+    np.testing.assert_allclose(m @ x[0, 0] @ m.T, want, atol=1e-12)
+    np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-12)
 
 
 def test_mask_to_box_tight_and_empty():
