@@ -187,7 +187,7 @@ def postprocess_masks(mask_logits, original_hw: Sequence[int], image_size: int, 
     return crop if cropped == out else bilinear_resize_matrix(cropped, out) @ crop
 
   rows, cols = axis(rh, oh), axis(rw, ow)
-  x = np.einsum("hr,...rc,wc->...hw", rows, x.astype(np.float64), cols).astype(np.float32)
+  x = (rows @ x.astype(np.float64) @ cols.T).astype(np.float32)
   return x > threshold if binarize else x
 
 
