@@ -387,7 +387,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                              "referring_classification")),
         "train": dict(
             # 3200 steps since the huge-page malloc (host_memory.py) made the step ~1/3 faster;
-            # cold wall 13 min 54 s at a slow hour (README, docs/experiments.md H1-H5).
+            # cold wall 8 min 39 s at a fast hour, 13 min 54 s at a slow one (README).
             batch_size=8, steps=3200, learning_rate=1e-3, warmup_steps=20,
             alignment_steps=400,  # random-init encoders need it (docs/experiments.md)
             answer_ce="sqrt",  # a caption weighs a few one-word answers, not ~16
