@@ -232,8 +232,8 @@ def decode_row(generated: Generated, i: int, batch: Mapping[str, np.ndarray], to
   masks, scores = [], []
   for q in range(slots):
     if generated.seg_valid[i, q]:
-      masks.append(np.asarray(pixel.postprocess_masks(
+      masks.append(pixel.postprocess_masks(
           generated.mask_logits[i, q], (height, width), int(config.model.vision.image_size),
-          binarize=True, threshold=float(config.model.pixel.mask_threshold))))
+          binarize=True, threshold=float(config.model.pixel.mask_threshold)))
       scores.append(float(generated.iou[i, q]))
   return Prediction(answer, boxes, masks, scores, error)

@@ -42,7 +42,7 @@ def _train_tiny(tmp_path, *overrides: str) -> dict:
 
 
 # Each task's headline (tasks.py) asserted at about 80 % of what the main job measured
-# (docs/experiments.md, run H2), with the chance level where the task has one.
+# (docs/experiments.md, run A1), with the chance level where the task has one.
 THRESHOLDS = {
     "scene_classification": 0.57,  # measured 0.718 (run A1), chance 0.25
     "image_caption": 1.85,  # 2.312
