@@ -132,7 +132,8 @@ def _prompt() -> ConfigDict:
       sources=("convnext_1", "convnext_2"),
       bins=4,  # samples per side of the box
       min_size=0.1,  # boxes widened to >= this fraction of the view (a point is a 0-size box)
-      mlp_dim=1024))
+      mlp_dim=1024,
+      box_features=False))  # the box's centre and sides also enter the MLP (regions.py)
   return prompt
 
 

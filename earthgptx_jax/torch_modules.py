@@ -307,6 +307,8 @@ class RegionEncoder(nn.Module):
     width = region_in_features(cfg)
     self.norm = nn.LayerNorm(width, eps=cfg.prompt.layer_norm_eps)
     self.fc1 = nn.Linear(width, region.mlp_dim)
+    if region.box_features:
+      self.box_proj = nn.Linear(4, region.mlp_dim)
     self.fc2 = nn.Linear(region.mlp_dim, cfg.llm.hidden_size)
 
   def sample_grid(self, boxes):
@@ -324,14 +326,20 @@ class RegionEncoder(nn.Module):
   def forward(self, maps, geometry, valid):
     b, p = geometry.shape[:2]
     valid = valid.bool()
-    grid = self.sample_grid(torch.where(valid[..., None], geometry, 0).float())
+    boxes = torch.where(valid[..., None], geometry, 0).float()
+    grid = self.sample_grid(boxes)
     sampled = []
     for fmap in maps:
       out = F.grid_sample(fmap.float(), grid, mode="bilinear", padding_mode="border",
                           align_corners=False)  # [B, C, P * bins, bins]
       out = out.reshape(b, -1, p, self.region.bins, self.region.bins).permute(0, 2, 3, 4, 1)
       sampled.append(out.reshape(b, p, -1).to(self.fc1.weight.dtype))
-    x = self.fc2(F.gelu(self.fc1(self.norm(torch.cat(sampled, dim=-1)))))
+    x = self.fc1(self.norm(torch.cat(sampled, dim=-1)))
+    if self.region.box_features:
+      sides = torch.sqrt(torch.clamp(boxes[..., 2:] - boxes[..., :2], min=0))
+      box = torch.cat([boxes[..., :2] + boxes[..., 2:] - 1, sides], dim=-1)
+      x = x + self.box_proj(box.to(self.box_proj.weight.dtype))
+    x = self.fc2(F.gelu(x))
     return torch.where(valid[..., None], x, 0)
 
 

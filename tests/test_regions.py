@@ -61,8 +61,10 @@ def test_bilinear_sample_is_exact_on_a_linear_map():
   np.testing.assert_allclose(got, pts[0, :, 0] + 2 * pts[0, :, 1], atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def encoder(cfg):
+@pytest.fixture(scope="module", params=[False, True], ids=["samples", "samples+box"])
+def encoder(request, cfg):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.prompt.region.box_features = request.param
   module = regions.RegionEncoder(cfg.prompt, cfg.llm.hidden_size)
   maps = [jax.random.uniform(jax.random.key(1), (2, 64, 64, 3)),
           jax.random.normal(jax.random.key(2), (2, 16, 16, 8))]
@@ -88,14 +90,27 @@ def test_region_vector_reads_only_the_box(encoder):
   np.testing.assert_array_equal(moved[1], out[1])
 
 
+def test_box_features_tell_region_sizes_apart(encoder):
+  """RoIAlign resamples every box to bins x bins: over a uniform map, two boxes of different
+  sizes give the same samples, and only the box features tell them apart."""
+  module, params, maps, _, valid = encoder
+  flat = [jnp.full_like(m, 0.5) for m in maps]
+  boxes = jnp.asarray([[[0.2, 0.2, 0.3, 0.3], [0.2, 0.2, 0.6, 0.6]]] * 2)
+  out = np.asarray(module.apply(params, flat, boxes, jnp.ones_like(valid)))
+  differ = np.abs(out[0, 0] - out[0, 1]).max() > 1e-4
+  assert differ == module.config.region.box_features
+
+
 def test_torch_region_encoder_matches(cfg, encoder):
   module, params, maps, geometry, valid = encoder
   ours = np.asarray(module.apply(params, maps, geometry, valid))
+  cfg = cfg.copy_and_resolve_references()
+  cfg.prompt = module.config
   theirs = torch_modules.RegionEncoder(cfg)
   p = jax.tree.map(np.asarray, nn.meta.unbox(params)["params"])
-  state = {"norm.weight": p["norm"]["scale"], "norm.bias": p["norm"]["bias"],
-           "fc1.weight": p["fc1"]["kernel"].T, "fc1.bias": p["fc1"]["bias"],
-           "fc2.weight": p["fc2"]["kernel"].T, "fc2.bias": p["fc2"]["bias"]}
+  state = {"norm.weight": p["norm"]["scale"], "norm.bias": p["norm"]["bias"]}
+  for name in ("fc1", "fc2", "box_proj")[:3 if module.config.region.box_features else 2]:
+    state |= {f"{name}.weight": p[name]["kernel"].T, f"{name}.bias": p[name]["bias"]}
   theirs.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
   with torch.no_grad():
     ref = theirs([torch.from_numpy(np.asarray(m)).permute(0, 3, 1, 2) for m in maps],

@@ -50,6 +50,8 @@ def own_rules(model_config: ml_collections.ConfigDict) -> list[Rule]:
     r = "region_encoder"
     rules += _norm(f"{r}.norm", f"{r}/norm") + _linear(f"{r}.fc1", f"{r}/fc1")
     rules += _linear(f"{r}.fc2", f"{r}/fc2")
+    if model_config.prompt.region.box_features:
+      rules += _linear(f"{r}.box_proj", f"{r}/box_proj")
   rules += _linear("pixel.seg_fc1", "pixel/seg_fc1") + _linear("pixel.seg_fc2", "pixel/seg_fc2")
   if model_config.box.head:
     rules += [r for n in ("query", "key", "value", "fc1", "fc2")
