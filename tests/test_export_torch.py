@@ -217,9 +217,10 @@ def test_paper_preset_is_representable():
 def test_variant_paths_match_jax(tmp_path):
   """The other branches: SAM decoder on the mixed dense map, DINOv2 with registers (HF
   Dinov2WithRegistersModel) read at its penultimate layer, a scanned and tied LLM, region
-  features from two later ConvNeXt stages only."""
+  features from two later ConvNeXt stages only, with the box features."""
   config = tiny_config()
-  config.model.prompt.region.update(sources=("convnext_1", "convnext_3"), bins=3)
+  config.model.prompt.region.update(sources=("convnext_1", "convnext_3"), bins=3,
+                                    box_features=True)
   config.model.pixel.image_encoder = "mixed"
   config.model.vision.dense_source = "mixed"
   config.model.vision.dino_layer = -2

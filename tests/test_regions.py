@@ -109,8 +109,9 @@ def test_torch_region_encoder_matches(cfg, encoder):
   theirs = torch_modules.RegionEncoder(cfg)
   p = jax.tree.map(np.asarray, nn.meta.unbox(params)["params"])
   state = {"norm.weight": p["norm"]["scale"], "norm.bias": p["norm"]["bias"]}
-  for name in ("fc1", "fc2", "box_proj")[:3 if module.config.region.box_features else 2]:
-    state |= {f"{name}.weight": p[name]["kernel"].T, f"{name}.bias": p[name]["bias"]}
+  for name in ("fc1", "fc2", "box_proj"):
+    if name in p:
+      state |= {f"{name}.weight": p[name]["kernel"].T, f"{name}.bias": p[name]["bias"]}
   theirs.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
   with torch.no_grad():
     ref = theirs([torch.from_numpy(np.asarray(m)).permute(0, 3, 1, 2) for m in maps],
