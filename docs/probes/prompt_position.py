@@ -7,26 +7,29 @@ K tokens (`--features=llm`: `EarthGPTX.encode_visual`'s prompt_llm, what the LLM
 `encoder`: the prompt encoder's output), and fits on the train prompts, scoring on the held-out
 ones: ridge regression to the prompt's box centre (R^2, and a 15-nearest-neighbour R^2 as a
 non-linear check), and one-vs-rest ridge from a two-prompt example's [f1, f2, f1 - f2] to the
-relation word of synthetic_rs (left of / right of / above / below), beside the same read-out from
-the true centres. `--fresh_init` probes the same architecture at initialisation. Read-only.
+relation word synthetic_rs's rule gives the two prompts' boxes (a point prompt's box is the point,
+so this is a proxy for the answer's word), beside the same read-out from the prompts' centres. `--fresh_init` probes the same architecture at initialisation. Read-only.
 Results and why it matters: docs/experiments.md, "Where a prompt's position goes".
 """
 
 import argparse
+import types
 
 import jax
 import numpy as np
 
-from data_pipelines import pipeline
+from data_pipelines import pipeline, synthetic
 from earthgptx_jax import predictor
 from earthgptx_jax.models import earthgptx
 
 
-def _relation(a, b) -> int:  # synthetic.py's _relation, as an index
-  ax, ay, bx, by = (a[0] + a[2]) / 2, (a[1] + a[3]) / 2, (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
-  if abs(ax - bx) >= abs(ay - by):
-    return 0 if ax < bx else 1
-  return 2 if ay < by else 3
+RELATION_WORDS = ("left of", "right of", "above", "below")
+
+
+def _relation(a, b) -> int:
+  """Index of the word synthetic_rs's own rule gives two boxes (it reads only `.box`)."""
+  return RELATION_WORDS.index(synthetic._relation(types.SimpleNamespace(box=a),
+                                                  types.SimpleNamespace(box=b)))
 
 
 def _ridge_fit_predict(x, y, x_test, lam=1.0):
@@ -96,13 +99,13 @@ def main():
     return np.concatenate([f[m, 0], f[m, 1], f[m, 0] - f[m, 1]], 1)
   labels = lambda g, m: np.array([_relation(p, q) for p, q in zip(g[m, 0], g[m, 1])], int)
   word_fit, word_test = labels(g_fit, pair_fit), labels(g_test, pair_test)
-  onehot = np.eye(4)[word_fit]
+  onehot = np.eye(len(RELATION_WORDS))[word_fit]
   from_tokens = _ridge_fit_predict(pair_features(f_fit, pair_fit), onehot,
                                    pair_features(f_test, pair_test)).argmax(1)
   centres = lambda g, m: _centres(g[m]).reshape(int(m.sum()), -1)
   from_centres = _ridge_fit_predict(centres(g_fit, pair_fit), onehot,
                                     centres(g_test, pair_test)).argmax(1)
-  majority = np.bincount(word_test, minlength=4).max() / len(word_test)
+  majority = np.bincount(word_test, minlength=len(RELATION_WORDS)).max() / len(word_test)
   print(f"relation word on {len(word_test)} held-out pairs, linear: from the tokens "
         f"{(from_tokens == word_test).mean():.3f}, from the true centres "
         f"{(from_centres == word_test).mean():.3f} (majority {majority:.3f})")
