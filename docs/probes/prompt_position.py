@@ -8,7 +8,8 @@ K tokens (`--features=llm`: `EarthGPTX.encode_visual`'s prompt_llm, what the LLM
 ones: ridge regression to the prompt's box centre (R^2, and a 15-nearest-neighbour R^2 as a
 non-linear check), and one-vs-rest ridge from a two-prompt example's [f1, f2, f1 - f2] to the
 relation word synthetic_rs's rule gives the two prompts' boxes (a point prompt's box is the point,
-so this is a proxy for the answer's word), beside the same read-out from the prompts' centres. `--fresh_init` probes the same architecture at initialisation. Read-only.
+so this is a proxy for the answer's word), beside the same read-out from the prompts' centres.
+`--fresh_init` probes the same architecture at initialisation. Read-only.
 Results and why it matters: docs/experiments.md, "Where a prompt's position goes".
 """
 
