@@ -63,7 +63,8 @@ def main(argv):
     paths.resolve_flags("workdir")  # relative to the cwd; Orbax needs absolute paths
     paths.resolve_config_paths(_CONFIG.value)
     cli.use_compilation_cache(_CONFIG.value.train.get("compilation_cache_dir", None))
-    training.train_and_evaluate(_CONFIG.value, _WORKDIR.value, break_lock=_BREAK_LOCK.value)
+    result = training.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                         break_lock=_BREAK_LOCK.value)
   except Exception as e:  # noqa: BLE001 — every failure ends with its cause as the last line
     code = exit_code(e)
     if code is None:  # unexpected: keep the traceback for the bug report, cause last
@@ -71,6 +72,11 @@ def main(argv):
       fail(f"{type(e).__name__}: {one_line(e)}", 1)
     logging.info("traceback of the error below", exc_info=True)
     fail(one_line(e), code)
+  if result.get("preempted") and "step" not in result:
+    # A SIGTERM during the compile left XLA compiling in a daemon thread
+    # (training._compile_interruptibly); interpreter shutdown under it can abort (SIGABRT).
+    # Nothing was written that needs finalising: no step ran.
+    _exit(0)
 
 
 def exit_code(e: BaseException) -> int | None:
@@ -100,11 +106,18 @@ def fail(message: str, code: int) -> None:
   """Prints `error: message` as the very last line (after any library output) and exits."""
   logging.flush()
   sys.stdout.flush()
-  sys.stderr.flush()
   print(f"error: {message}", file=sys.stderr, flush=True)
   # Not sys.exit: at interpreter shutdown a failed async save's thread can still print
   # ("ImportError: sys.meta_path is None"), burying the cause. Everything the run owns (the
   # workdir lock, the checkpoints) was released or finalised when the error left the loop.
+  _exit(code)
+
+
+def _exit(code: int) -> None:
+  """Exits at once, skipping interpreter shutdown (and the threads it would wait on)."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
   os._exit(code)
 
 

@@ -21,10 +21,12 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 # Two data shards in every run, so one process loading both sees the same batches as two
-# processes loading one each.
+# processes loading one each. The per-leaf optimizer, as the presets that shard use: its moments
+# are sharded like the params, across the processes where the tensor axis spans them.
 _COMMON = ["--config=configs/fusion.py:tiny", "--config.train.log_every_steps=1",
            "--config.train.eval_examples=8", "--config.train.eval_every_steps=2",
-           "--config.checkpoint.every_steps=2", "--config.data.shards=2"]
+           "--config.checkpoint.every_steps=2", "--config.data.shards=2",
+           "--config.train.flat_optimizer=False"]
 
 
 def _env(devices: int):

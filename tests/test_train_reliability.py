@@ -194,9 +194,12 @@ def _scalars(workdir, tag):
 
 @pytest.mark.slow
 def test_logs_after_sigterm_and_sigkill_equal_the_uninterrupted_run(cwd):
+  # An 8-step alignment stage: the run preempted inside steps 5-8 resumes across the switch to
+  # the mixture, whose data position must come back too.
   steps = ("--config.train.steps=12", "--config.train.log_every_steps=4",
            "--config.checkpoint.every_steps=6", "--config.checkpoint.async_save=False",
-           "--config.data.max_length=120", "--config.data.max_bad_fraction=0.5")
+           "--config.data.max_length=120", "--config.data.max_bad_fraction=0.5",
+           "--config.train.alignment_steps=8")
   straight = subprocess.run(_cmd(*steps, workdir="straight"), cwd=cwd, env=_env(),
                             capture_output=True, text=True, timeout=900)
   assert straight.returncode == 0, straight.stderr[-3000:]
