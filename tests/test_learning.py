@@ -29,16 +29,22 @@ from earthgptx_jax import evaluation, tasks
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _train_tiny(tmp_path, *overrides: str) -> dict:
+def _train_tiny(tmp_path, data_dir, *overrides: str) -> dict:
   """The README's main command (one CPU device, as a user runs it) with `overrides`; its
   metrics.json."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   workdir = tmp_path / "run"
   subprocess.run([sys.executable, "-m", "earthgptx_jax.train", "--config=configs/fusion.py:tiny",
-                  f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'data'}",
+                  f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
                   *overrides], cwd=ROOT, env=env, check=True, timeout=2400)
   return json.loads((workdir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single_task_data(tmp_path_factory):
+  """The single-task runs' data: the same settings, so generated once for both."""
+  return tmp_path_factory.mktemp("single_task_data")
 
 
 # Each task's headline (tasks.py) asserted at about 80 % of what the main job measured
@@ -80,7 +86,7 @@ def test_tiny_preset_learns_every_task_together(tmp_path):
   # CI has just run README's main command itself (.ci/run): its workdir, not a second copy.
   done = os.environ.get("EARTHGPTX_MAIN_JOB_WORKDIR")
   metrics = (json.loads((pathlib.Path(done) / "metrics.json").read_text()) if done else
-             _train_tiny(tmp_path))
+             _train_tiny(tmp_path, tmp_path / "data"))
   print("\n" + _table(metrics))
   assert metrics["step"] == 3200
   for task in tasks.TASKS:
@@ -89,12 +95,13 @@ def test_tiny_preset_learns_every_task_together(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_preset_learns_to_name_the_prompted_object(tmp_path):
+def test_tiny_preset_learns_to_name_the_prompted_object(tmp_path, single_task_data):
   """Referring classification alone (the alignment stage set to the whole run and to this one
   task): the answer is the class of the object under a point / box / free-form prompt, so only
   what the model reads at the prompt can beat the class prior. Held out: 300 eval records per
   sensor, of which 95 are referring examples."""
-  metrics = _train_tiny(tmp_path, "--config.train.steps=600", "--config.train.alignment_steps=600",
+  metrics = _train_tiny(tmp_path, single_task_data, "--config.train.steps=600",
+                        "--config.train.alignment_steps=600",
                         "--config.data.alignment_tasks=('referring_classification',)",
                         "--config.data.synthetic.num_eval=300", "--config.train.eval_examples=900",
                         *SINGLE_TASK_RECIPE)
@@ -103,12 +110,13 @@ def test_tiny_preset_learns_to_name_the_prompted_object(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_preset_learns_to_ground_the_named_object(tmp_path):
+def test_tiny_preset_learns_to_ground_the_named_object(tmp_path, single_task_data):
   """Box grounding alone (the alignment stage set to the whole run and to this one task): the
   answer is the box of the object the question names, written by the box head. Spelled out as
   text tokens, the same run ended at Acc@0.5 0.0 (README). Held out: 115 box-grounding
   examples of 300 eval records per sensor."""
-  metrics = _train_tiny(tmp_path, "--config.train.steps=600", "--config.train.alignment_steps=600",
+  metrics = _train_tiny(tmp_path, single_task_data, "--config.train.steps=600",
+                        "--config.train.alignment_steps=600",
                         "--config.data.alignment_tasks=('box_grounding',)",
                         "--config.data.synthetic.num_eval=300", "--config.train.eval_examples=900",
                         *SINGLE_TASK_RECIPE)
