@@ -13,7 +13,10 @@ def test_every_preset_weighs_the_same_loss_terms(preset):
   loss = fusion.get_config(preset).loss
   assert sorted(loss.keys()) == sorted(LOSS_TERMS)
   assert (loss.ce, loss.mask_bce, loss.mask_dice) == (1.0, 2.0, 0.5)  # LISA's weights
-  assert (loss.box_l1, loss.box_giou, loss.box_cell) == (1.0, 1.0, 1.0)
+  # DETR's L1 and gIoU weights; tiny turns down the two whose gradient outweighed the answer
+  # CE's in its shared ConvNeXt (docs/experiments.md, K0-M2).
+  box = (1.0, 0.25, 0.05) if preset == "tiny" else (1.0, 1.0, 1.0)
+  assert (loss.box_l1, loss.box_giou, loss.box_cell) == box
 
 
 def test_presets_override_only_what_they_name():
