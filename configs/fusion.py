@@ -388,7 +388,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                              "referring_classification")),
         "train": dict(
             # 3200 steps since the huge-page malloc (host_memory.py) made the step ~1/3 faster;
-            # cold wall 8 min 39 s at a fast hour, 13 min 54 s at a slow one (README).
+            # training command cold 6 min 55 s at a fast hour, 13 min 54 s at a slow one (README).
             batch_size=8, steps=3200, learning_rate=1e-3, warmup_steps=20,
             # Random-init encoders need it; 800 rather than 400 learns land cover from all three
             # initialisations tried (docs/experiments.md, A1-A3).
