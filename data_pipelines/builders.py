@@ -35,6 +35,7 @@ from etils import epath
 from data_pipelines import converters, schema, synthetic
 from data_pipelines.converters import (dior_rsvg, dota, hit_uav, hrsid, mstar, nwpu_captions,
                                        rsicd, rsvqa, scene_folder, sirst, ssdd, ucm_captions)
+from earthgptx_jax import template
 
 _FILE_FORMAT = "array_record"
 STATS_FILE = "record_stats.json"
@@ -216,17 +217,25 @@ def data_source(name: str, split: str, data_dir: str, *, synthetic_config=None):
   return builder.as_data_source(split=split)
 
 
+# The modules whose code decides synthetic_rs's records, byte for byte.
+SYNTHETIC_CODE = (synthetic, schema, template)
+
+
 def synthetic_fingerprint(synthetic_config) -> str:
-  """Short hash of the synthetic sizes: data generated with other sizes lives elsewhere."""
-  blob = json.dumps(synthetic_config.to_dict(), sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:10]
+  """Short hash of the synthetic sizes and of the generator's code: data generated with other
+  sizes, or by an edited synthetic_rs, lives elsewhere instead of being silently reused."""
+  digest = hashlib.sha256(json.dumps(synthetic_config.to_dict(), sort_keys=True,
+                                     default=str).encode())
+  for module in SYNTHETIC_CODE:
+    digest.update(epath.Path(module.__file__).read_bytes())
+  return digest.hexdigest()[:10]
 
 
 def ensure_synthetic(data_dir: str, config: ml_collections.ConfigDict) -> str:
   """Generates `synthetic_rs` for `config.data.synthetic` under `data_dir` if absent.
 
   Returns the TFDS data dir holding `synthetic_rs/{optical,sar,infrared}`:
-  `data_dir/synthetic_rs_<fingerprint of the sizes>`. Deterministic by seed: two machines
+  `data_dir/synthetic_rs_<synthetic_fingerprint>`. Deterministic by seed: two machines
   write the same records.
   """
   cfg = config.data.synthetic

@@ -29,7 +29,8 @@ def data_source(config: ml_collections.ConfigDict, name: str, split: str):
 
 
 def source_data_dir(config: ml_collections.ConfigDict, dataset: str) -> str:
-  """Where `dataset` is stored: synthetic data under its size fingerprint, others in data_dir."""
+  """Where `dataset` is stored: synthetic data under its fingerprint (sizes and generator code),
+  others in data_dir."""
   data_dir = os.path.expanduser(config.data.data_dir)
   if dataset.startswith("synthetic_rs/"):
     fingerprint = builders.synthetic_fingerprint(config.data.synthetic)

@@ -3,6 +3,7 @@ proportions, resume through Orbax, disjoint process shards, bad-record accountin
 
 import collections
 import io
+import pathlib
 
 import grain
 import ml_collections
@@ -508,3 +509,22 @@ def test_concurrent_ensure_synthetic_builds_once(tmp_path):
   source = builders.data_source("synthetic_rs/sar", "validation", paths[0],
                                 synthetic_config=cfg.data.synthetic)
   assert len(source) == 3
+
+
+def test_an_edited_generator_gets_its_own_synthetic_folder(tmp_path, monkeypatch):
+  """Cached data is keyed by the generator's code as well as its sizes: after an edit to
+  synthetic_rs the job generates afresh instead of training on the old records."""
+  cfg = fusion.get_config("tiny")
+  cfg.data.synthetic.num_train = 6
+  cfg.data.synthetic.num_eval = 3
+  before = builders.ensure_synthetic(str(tmp_path), cfg)
+  assert builders.ensure_synthetic(str(tmp_path), cfg) == before  # unchanged code: reused
+  edited = tmp_path / "synthetic.py"
+  edited.write_bytes(pathlib.Path(synthetic.__file__).read_bytes() + b"\n# an edit\n")
+  stand_in = type(synthetic)("synthetic")
+  stand_in.__file__ = str(edited)
+  monkeypatch.setattr(builders, "SYNTHETIC_CODE", (stand_in, schema, template))
+  after = builders.ensure_synthetic(str(tmp_path), cfg)
+  assert after != before
+  cfg.data.data_dir = str(tmp_path)
+  assert sources.source_data_dir(cfg, "synthetic_rs/sar") == after  # where the loader reads
