@@ -18,7 +18,9 @@ import jax
 import numpy as np
 
 from data_pipelines import pipeline, synthetic
-from earthgptx_jax import predictor, trainer
+from earthgptx_jax import trainer
+
+import probe_workdir
 
 _SENSORS = ("optical", "sar", "infrared")
 
@@ -36,15 +38,11 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--fresh_init", action="store_true")
   args = parser.parse_args()
-  try:
-    config, tokenizer, params = predictor.load_workdir(args.workdir)
-  except predictor.InferenceError as e:
-    parser.error(str(e))
-  data = pipeline.Data(config=config, tokenizer=tokenizer)
+  config, tokenizer, params = probe_workdir.load(parser, args.workdir)
+  data = pipeline.prepare(config, tokenizer)
   model = trainer.build_model(config)
   if args.fresh_init:
-    first = next(iter(data.eval_iterator(max_examples=8)))
-    params = jax.jit(model.init)(jax.random.key(0), first.batch)["params"]
+    params = probe_workdir.fresh_params(model, data)
 
   def tokens(module, batch):
     return module.vision(batch["pixel_values"]).tokens, module.encode_visual(batch).image_llm

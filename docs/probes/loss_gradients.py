@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import pipeline
-from earthgptx_jax import predictor, tasks, trainer
+from earthgptx_jax import tasks, trainer
+
+import probe_workdir
 
 
 def _norm(tree) -> float:
@@ -33,15 +35,13 @@ def main():
   args = parser.parse_args()
   if args.batches < 1:
     parser.error(f"--batches: {args.batches} is not a positive count")
-  try:
-    config, tokenizer, params = predictor.load_workdir(args.workdir)
-  except predictor.InferenceError as e:
-    parser.error(str(e))
+  config, tokenizer, params = probe_workdir.load(parser, args.workdir)
   config.train.alignment_steps = 0  # the mixture, where every term is present
-  batches = pipeline.Data(config=config, tokenizer=tokenizer).train_iterator()
+  data = pipeline.prepare(config, tokenizer)
+  batches = data.train_iterator()
   model = trainer.build_model(config)
   if args.fresh_init:
-    params = jax.jit(model.init)(jax.random.key(0), next(batches))["params"]
+    params = probe_workdir.fresh_params(model, data)
   trainable = {"params": params, "lora": {}}
   terms = tuple(config.loss.keys())
 
@@ -60,7 +60,8 @@ def main():
       for group in groups:
         norms.setdefault((name, group), []).append(_norm(grads[group]))
   weights = ", ".join(f"{name} {config.loss[name]:g}" for name in terms)
-  print(f"{args.workdir}: mean gradient norm over {args.batches} mixture batches "
+  at = " at initialisation" if args.fresh_init else ""
+  print(f"{args.workdir}{at}: mean gradient norm over {args.batches} mixture batches "
         f"(weights {weights}; clip {config.train.grad_clip_norm:g})")
   columns = ("all", *groups)
   print("term".ljust(10) + "".join(c[:13].rjust(14) for c in columns))

@@ -20,8 +20,9 @@ import jax
 import numpy as np
 
 from data_pipelines import pipeline, synthetic
-from earthgptx_jax import predictor
 from earthgptx_jax.models import earthgptx
+
+import probe_workdir
 
 
 RELATION_WORDS = ("left of", "right of", "above", "below")
@@ -55,15 +56,11 @@ def main():
   parser.add_argument("--fresh_init", action="store_true")
   args = parser.parse_args()
 
-  try:
-    config, tokenizer, params = predictor.load_workdir(args.workdir)
-  except predictor.InferenceError as e:
-    parser.error(str(e))
-  data = pipeline.Data(config=config, tokenizer=tokenizer)
+  config, tokenizer, params = probe_workdir.load(parser, args.workdir)
+  data = pipeline.prepare(config, tokenizer)
   model = earthgptx.EarthGPTX(config.model)
   if args.fresh_init:
-    first = next(iter(data.eval_iterator(max_examples=8)))
-    params = jax.jit(model.init)(jax.random.key(0), first.batch)["params"]
+    params = probe_workdir.fresh_params(model, data)
 
   def prompt_features(module, batch):
     if args.features == "encoder":

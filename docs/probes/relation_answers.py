@@ -14,7 +14,9 @@ import collections
 import re
 
 from data_pipelines import pipeline
-from earthgptx_jax import evaluation, predictor
+from earthgptx_jax import evaluation
+
+import probe_workdir
 
 _ANSWER = re.compile(r"the (.+) is (left of|right of|above|below) the (.+)")
 
@@ -29,11 +31,8 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--max_examples", type=int, default=None)
   args = parser.parse_args()
-  try:
-    config, tokenizer, params = predictor.load_workdir(args.workdir)
-  except predictor.InferenceError as e:
-    parser.error(str(e))
-  data = pipeline.Data(config=config, tokenizer=tokenizer)
+  config, tokenizer, params = probe_workdir.load(parser, args.workdir)
+  data = pipeline.prepare(config, tokenizer)
   samples = [s for s in evaluation.generate_samples(params, config, data,
                                                     max_examples=args.max_examples)
              if s.task == "relation_reasoning"]
