@@ -20,17 +20,10 @@ import numpy as np
 from data_pipelines import pipeline, synthetic
 from earthgptx_jax import trainer
 
+import linear_readout
 import probe_workdir
 
 _SENSORS = ("optical", "sar", "infrared")
-
-
-def _ridge_fit_predict(x, y, x_test, lam=1.0):
-  mean, std = x.mean(0), x.std(0) + 1e-6
-  add_bias = lambda a: np.concatenate([(a - mean) / std, np.ones((len(a), 1))], 1)
-  xb = add_bias(x)
-  w = np.linalg.solve(xb.T @ xb + lam * np.eye(xb.shape[1]), xb.T @ y)
-  return add_bias(x_test) @ w
 
 
 def main():
@@ -69,7 +62,8 @@ def main():
         f"ridge one-vs-rest, held-out accuracy:")
   onehot = np.eye(len(synthetic.LAND_COVER))[fit["label"]]
   for features in ("pixels", "encoders", "llm input"):
-    right = _ridge_fit_predict(fit[features], onehot, test[features]).argmax(1) == test["label"]
+    scores = linear_readout.ridge_fit_predict(fit[features], onehot, test[features])
+    right = scores.argmax(1) == test["label"]
     by_sensor = ", ".join(f"{s} {right[test['sensor'] == s].mean():.3f}" for s in _SENSORS)
     print(f"  {features} ({fit[features].shape[1]} features): {right.mean():.3f} ({by_sensor})")
 

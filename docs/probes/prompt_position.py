@@ -22,6 +22,7 @@ import numpy as np
 from data_pipelines import pipeline, synthetic
 from earthgptx_jax.models import earthgptx
 
+import linear_readout
 import probe_workdir
 
 
@@ -32,13 +33,6 @@ def _relation(a, b) -> int:
   """Index of the word synthetic_rs's own rule gives two boxes (it reads only `.box`)."""
   return RELATION_WORDS.index(synthetic._relation(types.SimpleNamespace(box=a),
                                                   types.SimpleNamespace(box=b)))
-
-
-def _ridge_fit_predict(x, y, x_test, lam=1.0):
-  add_bias = lambda a: np.concatenate([a, np.ones((len(a), 1))], 1)
-  xb = add_bias(x)
-  w = np.linalg.solve(xb.T @ xb + lam * np.eye(xb.shape[1]), xb.T @ y)
-  return add_bias(x_test) @ w
 
 
 def _r2(pred, target):
@@ -85,7 +79,8 @@ def main():
 
   x, y = f_fit[v_fit], _centres(g_fit[v_fit])
   x_test, y_test = f_test[v_test], _centres(g_test[v_test])
-  print("centre R^2 (x, y), linear:", np.round(_r2(_ridge_fit_predict(x, y, x_test), y_test), 3))
+  linear = linear_readout.ridge_fit_predict(x, y, x_test)
+  print("centre R^2 (x, y), linear:", np.round(_r2(linear, y_test), 3))
   mean, std = x.mean(0), x.std(0) + 1e-6
   a, b = (x - mean) / std, (x_test - mean) / std
   dist = (b ** 2).sum(1)[:, None] - 2 * b @ a.T + (a ** 2).sum(1)[None]
@@ -98,11 +93,11 @@ def main():
   labels = lambda g, m: np.array([_relation(p, q) for p, q in zip(g[m, 0], g[m, 1])], int)
   word_fit, word_test = labels(g_fit, pair_fit), labels(g_test, pair_test)
   onehot = np.eye(len(RELATION_WORDS))[word_fit]
-  from_tokens = _ridge_fit_predict(pair_features(f_fit, pair_fit), onehot,
-                                   pair_features(f_test, pair_test)).argmax(1)
+  from_tokens = linear_readout.ridge_fit_predict(pair_features(f_fit, pair_fit), onehot,
+                                                 pair_features(f_test, pair_test)).argmax(1)
   centres = lambda g, m: _centres(g[m]).reshape(int(m.sum()), -1)
-  from_centres = _ridge_fit_predict(centres(g_fit, pair_fit), onehot,
-                                    centres(g_test, pair_test)).argmax(1)
+  from_centres = linear_readout.ridge_fit_predict(centres(g_fit, pair_fit), onehot,
+                                                  centres(g_test, pair_test)).argmax(1)
   majority = np.bincount(word_test, minlength=len(RELATION_WORDS)).max() / len(word_test)
   print(f"relation word on {len(word_test)} held-out pairs, linear: from the tokens "
         f"{(from_tokens == word_test).mean():.3f}, from the true centres "
