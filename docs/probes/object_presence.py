@@ -11,7 +11,7 @@ features, each pooled over positions by mean and by max: the global view's ConvN
 vision encoders' tokens and the tokens the LLM receives (`EarthGPTX.encode_visual`'s image_llm).
 A class that no feature reads above its majority rate cannot be answered by the LLM either.
 `--fresh_init` probes the architecture at initialisation. Read-only. Results: docs/experiments.md,
-"W1-W3".
+"N1-N3, F1, B6".
 """
 
 import argparse
