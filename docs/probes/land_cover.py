@@ -17,8 +17,7 @@ import argparse
 import jax
 import numpy as np
 
-from data_pipelines import pipeline, synthetic
-from earthgptx_jax import trainer
+from data_pipelines import synthetic
 
 import linear_readout
 import probe_workdir
@@ -31,11 +30,8 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--fresh_init", action="store_true")
   args = parser.parse_args()
-  config, tokenizer, params = probe_workdir.load(parser, args.workdir)
-  data = pipeline.prepare(config, tokenizer)
-  model = trainer.build_model(config)
-  if args.fresh_init:
-    params = probe_workdir.fresh_params(model, data)
+  config, data, model, params = probe_workdir.model_and_data(parser, args.workdir,
+                                                             args.fresh_init)
 
   def tokens(module, batch):
     return module.vision(batch["pixel_values"]).tokens, module.encode_visual(batch).image_llm

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import pipeline
 from earthgptx_jax import tasks, trainer
 
 import probe_workdir
@@ -35,13 +34,11 @@ def main():
   args = parser.parse_args()
   if args.batches < 1:
     parser.error(f"--batches: {args.batches} is not a positive count")
-  config, tokenizer, params = probe_workdir.load(parser, args.workdir)
-  config.train.alignment_steps = 0  # the mixture, where every term is present
-  data = pipeline.prepare(config, tokenizer)
+  def mixture_only(config):
+    config.train.alignment_steps = 0  # the mixture, where every term is present
+  config, data, model, params = probe_workdir.model_and_data(parser, args.workdir,
+                                                             args.fresh_init, mixture_only)
   batches = data.train_iterator()
-  model = trainer.build_model(config)
-  if args.fresh_init:
-    params = probe_workdir.fresh_params(model, data)
   trainable = {"params": params, "lora": {}}
   terms = tuple(config.loss.keys())
 

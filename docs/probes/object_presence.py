@@ -20,8 +20,7 @@ import re
 import jax
 import numpy as np
 
-from data_pipelines import pipeline, synthetic
-from earthgptx_jax import trainer
+from data_pipelines import synthetic
 
 import linear_readout
 import probe_workdir
@@ -40,17 +39,14 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--fresh_init", action="store_true")
   args = parser.parse_args()
-  config, tokenizer, params = probe_workdir.load(parser, args.workdir)
-  data = pipeline.prepare(config, tokenizer)
-  model = trainer.build_model(config)
-  if args.fresh_init:
-    params = probe_workdir.fresh_params(model, data)
+  config, data, model, params = probe_workdir.model_and_data(parser, args.workdir,
+                                                             args.fresh_init)
   classes = synthetic.OBJECT_CLASSES[:config.data.synthetic.num_object_classes]
 
   def features(module, batch):
     vision = module.vision(batch["pixel_values"])
-    pooled = lambda x: x.reshape(x.shape[0], -1, x.shape[-1])
-    named = {f"convnext stage {i}": pooled(m) for i, m in enumerate(vision.global_stages)}
+    positions = lambda x: x.reshape(x.shape[0], -1, x.shape[-1])  # [B, h*w, C]
+    named = {f"convnext stage {i}": positions(m) for i, m in enumerate(vision.global_stages)}
     named["encoder tokens"] = vision.tokens
     named["LLM input"] = module.encode_visual(batch).image_llm
     return {name: (x.mean(1), x.max(1)) for name, x in named.items()}

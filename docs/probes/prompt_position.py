@@ -19,8 +19,7 @@ import types
 import jax
 import numpy as np
 
-from data_pipelines import pipeline, synthetic
-from earthgptx_jax.models import earthgptx
+from data_pipelines import synthetic
 
 import linear_readout
 import probe_workdir
@@ -50,11 +49,8 @@ def main():
   parser.add_argument("--fresh_init", action="store_true")
   args = parser.parse_args()
 
-  config, tokenizer, params = probe_workdir.load(parser, args.workdir)
-  data = pipeline.prepare(config, tokenizer)
-  model = earthgptx.EarthGPTX(config.model)
-  if args.fresh_init:
-    params = probe_workdir.fresh_params(model, data)
+  config, data, model, params = probe_workdir.model_and_data(parser, args.workdir,
+                                                             args.fresh_init)
 
   def prompt_features(module, batch):
     if args.features == "encoder":
