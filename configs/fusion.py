@@ -353,10 +353,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                           rms_norm_eps=1e-6, dtype="float32", remat=False, scan_layers=False),
         "model.vision": dict(
             image_size=64, max_tiles=2, token_grid=4, dtype="float32", remat=False,
-            # A 2 x 2, 16-wide stem: the objects are a few pixels at 64 px, and a 4 x 4 linear
-            # stem + LayerNorm over 8 channels kept the trunk from telling them apart
-            # (docs/experiments.md, P).
-            convnext=dict(depths=(1, 1, 2, 1), dims=(16, 16, 24, 32), patch_size=2),
+            convnext=dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32)),
             dino=dict(hidden_size=16, num_layers=2, num_heads=2, patch_size=8,
                       pretrain_image_size=32)),
         "model.prompt": dict(
@@ -393,10 +390,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             # 3200 steps since the huge-page malloc (host_memory.py) made the step ~1/3 faster;
             # training command cold 6 min 55 s at a fast hour, 13 min 54 s at a slow one (README).
             batch_size=8, steps=3200, learning_rate=1e-3, warmup_steps=20,
-            # Random-init encoders need it: 800 rather than 400 learned land cover from all three
-            # initialisations tried (A1-A3); with the 2 x 2 stem 800 left one at the prior, 1200
-            # none (docs/experiments.md, P).
-            alignment_steps=1200,
+            # Random-init encoders need it; 800 rather than 400 learns land cover from all three
+            # initialisations tried (docs/experiments.md, A1-A3).
+            alignment_steps=800,
             answer_ce="sqrt",  # a caption weighs a few one-word answers, not ~16
             flat_optimizer=True, eval_every_steps=0,
             eval_examples=1000, eval_examples_per_task=110,  # >= 100 of every task
