@@ -67,6 +67,7 @@ def _vision() -> ConfigDict:
   vision.convnext = ConfigDict(dict(
       depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536),
       in_channels=3, patch_size=4, kernel_size=7, mlp_ratio=4, layer_norm_eps=1e-6,
+      stem_type="patch",  # or timm's overlap stems: overlap | overlap_tiered | overlap_act
       head_norm_eps=1e-6,  # pooled-feature norm (timm head.norm; HF ConvNext uses 1e-12)
       depthwise_impl="auto",  # 7x7 depthwise conv: auto | xla | shift (see models/convnext.py)
       layer_scale_init=1e-6,

@@ -12,6 +12,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from earthgptx_jax.models import convnext as convnext_lib
+from earthgptx_jax.models import vision
+
 
 def compiled_flops(compiled) -> float | None:
   """FLOPs of one call of a compiled (or lowered) jit function as XLA counts them (None if
@@ -130,15 +133,20 @@ def _vit_ops(ops: _Ops, cfg, side: int, images: float, layers: int | None = None
 
 
 def _convnext_ops(ops: _Ops, cfg, side: int, images: float):
-  """models/convnext.py: stem, per stage a 2x2 downsample conv and blocks (7x7 depthwise conv,
-  fc1, fc2), each at that stage's resolution."""
-  p = cfg.patch_size
-  cells = images * (side // p) ** 2
-  ops.dense("stem_conv", cells, p * p * cfg.in_channels, cfg.dims[0])
+  """models/convnext.py: stem, per stage a 2x2 downsample conv (where the stage downsamples)
+  and blocks (7x7 depthwise conv, fc1, fc2), each at that stage's resolution."""
+  if cfg.stem_type == "patch":
+    p = cfg.patch_size
+    ops.dense("stem_conv", images * (side // p) ** 2, p * p * cfg.in_channels, cfg.dims[0])
+  else:
+    mid = convnext_lib.stem_mid_channels(cfg)
+    ops.dense("stem_conv", images * (side // 2) ** 2, 9 * cfg.in_channels, mid)
+    ops.dense("stem_conv2", images * (side // 4) ** 2, 9 * mid, cfg.dims[0])
+  strides = convnext_lib.stage_strides(cfg)
   for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
-    cells = images * (side // (p * 2 ** i)) ** 2
-    if i:
-      ops.dense(f"stages_{i}_downsample_conv", cells, 4 * cfg.dims[i - 1], dim)
+    cells = images * (side // convnext_lib.total_stride(cfg, i)) ** 2
+    if strides[i] > 1:
+      ops.dense(f"stages_{i}_downsample_conv", cells, 4 * cfg.dims[max(i - 1, 0)], dim)
     for j in range(depth):
       block = f"stages_{i}_blocks_{j}"
       ops.dense(f"{block}/conv_dw", cells, cfg.kernel_size ** 2, dim)  # one input per group
@@ -295,7 +303,6 @@ def model_components(config, batch_size: int) -> list[Component]:
               lambda o: _sam_vit_ops(o, pix.sam_vit, b, c))
     image_source, hw = ("sam_vit",), grid * grid
   else:
-    from earthgptx_jax.models import vision  # the dense map's shape (pure config arithmetic)
     dh, dw, dc = vision.dense_shape(m.vision)
     component("dense_proj", "params/pixel/dense_proj/", ("convnext", "dino"),
               lambda o: o.dense("", b * dh * dw, dc, c))
@@ -312,9 +319,8 @@ def model_components(config, batch_size: int) -> list[Component]:
   if m.box.head:
     def box(o):
       cfg, qb = m.box, m.box.max_boxes
-      stage = range(len(m.vision.convnext.dims))[cfg.feature_stage]
-      cells = (s // (m.vision.convnext.patch_size * 2 ** stage)) ** 2
-      channels = m.vision.convnext.dims[stage]
+      cells = (s // convnext_lib.total_stride(m.vision.convnext, cfg.feature_stage)) ** 2
+      channels = m.vision.convnext.dims[cfg.feature_stage]
       o.dense("query", b * qb, h_llm, cfg.dim)
       o.dense("key", b * cells, channels, cfg.dim)
       o.dense("value", b * cells, channels, cfg.dim)

@@ -54,7 +54,7 @@ def convnext_kwargs(cfg) -> dict:
     raise ValueError(f"model.vision.convnext.mlp_ratio={cfg.mlp_ratio}: timm's ConvNeXt fixes 4")
   return dict(in_chans=cfg.in_channels, num_classes=0, depths=tuple(cfg.depths),
               dims=tuple(cfg.dims), kernel_sizes=cfg.kernel_size, patch_size=cfg.patch_size,
-              ls_init_value=cfg.layer_scale_init, norm_eps=cfg.layer_norm_eps, conv_mlp=False)
+              stem_type=cfg.stem_type, ls_init_value=cfg.layer_scale_init, norm_eps=cfg.layer_norm_eps, conv_mlp=False)
 
 
 class EarthGPTXTorch(nn.Module):
@@ -75,7 +75,8 @@ class EarthGPTXTorch(nn.Module):
     self.llm = llm  # transformers LlamaForCausalLM       <- llm
     self.pixel = PixelDecoder(m.pixel, m.llm.hidden_size, _dense_channels(m.vision), sam_config)
     if m.box.head:
-      self.box_head = BoxHead(m)  # <- box_head
+      reduction = convnext.feature_info[m.box.feature_stage]["reduction"]
+      self.box_head = BoxHead(m, m.vision.image_size // reduction)  # <- box_head
 
   @classmethod
   def from_pretrained(cls, folder: str | os.PathLike) -> EarthGPTXTorch:

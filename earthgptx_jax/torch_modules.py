@@ -353,17 +353,15 @@ def centre_cells(boxes, h: int, w: int):
 
 
 class BoxHead(nn.Module):
-  """box_head.BoxHead: ([BOX] states [B, Qb, H], valid [B, Qb], global-view map NCHW, optional
-  target boxes [B, Qb, 4] and their valid [B, Qb]) -> (boxes [B, Qb, 4] in [0, 1] (zeros at
-  invalid slots), cell logits [B, Qb, h, w])."""
+  """box_head.BoxHead: ([BOX] states [B, Qb, H], valid [B, Qb], global-view map NCHW of side
+  `side`, optional target boxes [B, Qb, 4] and their valid [B, Qb]) -> (boxes [B, Qb, 4] in
+  [0, 1] (zeros at invalid slots), cell logits [B, Qb, h, w])."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict):
+  def __init__(self, cfg: ml_collections.ConfigDict, side: int):
     super().__init__()
     box, vision = cfg.box, cfg.vision
     self.dim = box.dim
     channels = vision.convnext.dims[box.feature_stage]
-    stage = range(len(vision.convnext.dims))[box.feature_stage]
-    side = vision.image_size // (vision.convnext.patch_size * 2 ** stage)
     self.query_norm = nn.LayerNorm(cfg.llm.hidden_size, eps=box.layer_norm_eps)
     self.query = nn.Linear(cfg.llm.hidden_size, box.dim)
     self.feature_norm = nn.LayerNorm(channels, eps=box.layer_norm_eps)

@@ -123,6 +123,45 @@ def test_open_clip_and_timm_round_trip_bit_identical(open_clip_visual, loaded, c
   open_clip_visual.trunk.load_state_dict(reloaded, strict=True)
 
 
+# timm's other stems: a stride-2 patch stem (timm then downsamples stage 0 too), the 1x1 one
+# (stage 0 at full resolution) and the three overlapping 3x3 stems.
+@pytest.mark.parametrize("stem_type,patch_size", [("patch", 2), ("patch", 1), ("overlap", 4),
+                                                  ("overlap_tiered", 4), ("overlap_act", 4)])
+def test_timm_stems_parity_and_round_trip(base, stem_type, patch_size, tmp_path):
+  import timm.models.convnext
+  from safetensors.torch import save_file
+  model = timm.models.convnext.ConvNeXt(depths=DEPTHS, dims=(16, 16, 24, 32), num_classes=0,
+                                        stem_type=stem_type, patch_size=patch_size,
+                                        ls_init_value=1e-6)
+  _randomise(model, 4)
+  model.eval()
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  save_file(state, str(tmp_path / "trunk.safetensors"))
+  cfg, params = convert.load_convnext(tmp_path / "trunk.safetensors", base)
+  assert (cfg.stem_type, cfg.patch_size) == (stem_type, patch_size)
+  assert [convnext_lib.total_stride(cfg, i) for i in range(4)] == [
+      info["reduction"] for info in model.feature_info]
+  x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+  with torch.no_grad():
+    ref_stages = model.forward_intermediates(x, intermediates_only=True)
+    ref_pooled = model(x)
+  out = _forward(cfg, params, x)
+  for ours, ref in zip(out.stages, ref_stages, strict=True):
+    assert _rel_err(ours, ref.permute(0, 2, 3, 1).numpy()) <= 1e-5
+  assert _rel_err(out.pooled, ref_pooled.numpy()) <= 1e-5
+  # Written back: the same tensors, and timm loads them strictly.
+  convert.save_convnext(params, cfg, tmp_path / "written.safetensors")
+  written = keymap.load_safetensors(tmp_path / "written.safetensors")
+  assert set(written) == set(state)
+  for k, v in state.items():
+    np.testing.assert_array_equal(written[k], v.numpy())
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in written.items()}, strict=True)
+  # HF's ConvNext has no overlap stems and never downsamples stage 0: no HF folder for these.
+  if stem_type != "patch" or patch_size == 2:
+    with pytest.raises(keymap.ConversionError, match="no HF ConvNext equivalent"):
+      convert.save_convnext(params, cfg, tmp_path / "hf", layout="hf")
+
+
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
   from transformers import ConvNextConfig, ConvNextModel
@@ -182,6 +221,12 @@ def test_params_carry_logical_axes_and_bad_input_raises(base):
     module.init(jax.random.key(0), jnp.zeros([1, 32, 32, 1]))
   with pytest.raises(ValueError, match="must be >= 32 pixels"):
     module.init(jax.random.key(0), jnp.zeros([1, 16, 16, 3]))
+  for field, value in (("stem_type", "conv"), ("patch_size", 2)):
+    cfg = base.copy_and_resolve_references()
+    cfg.stem_type = "overlap_act"
+    cfg[field] = value
+    with pytest.raises(ValueError, match=f"convnext.{field}: .*{value}"):
+      convnext_lib.ConvNeXt(cfg).init(jax.random.key(0), jnp.zeros([1, 64, 64, 3]))
 
 
 def test_remat_shift_gradient_and_bf16(base):

@@ -83,10 +83,15 @@ def _abstract(config, batch_size):
   return model, trainable, batch
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_forward_matmuls_per_component(preset):
+# The tiny preset also with timm's other ConvNeXt stems: a stride-2 patch stem (which adds a
+# stage-0 downsampling) and the overlapping 3x3 stems.
+@pytest.mark.parametrize("preset,stem_type,patch_size", [
+    ("tiny", "patch", 4), ("small", "patch", 4), ("tiny", "patch", 2), ("tiny", "overlap_act", 4),
+    ("tiny", "overlap_tiered", 4)])
+def test_forward_matmuls_per_component(preset, stem_type, patch_size):
   config = small_config() if preset == "small" else tiny_config()
-  config.model.vision.convnext.depthwise_impl = "xla"  # a conv XLA and the jaxpr can count
+  config.model.vision.convnext.update(stem_type=stem_type, patch_size=patch_size,
+                                      depthwise_impl="xla")  # a conv XLA and the jaxpr can count
   batch_size = 2
   model, trainable, batch = _abstract(config, batch_size)
   jaxpr = jax.make_jaxpr(lambda t, b: model.apply({"params": t["params"]}, b))(trainable, batch)

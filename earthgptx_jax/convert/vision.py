@@ -55,25 +55,38 @@ def _conv(torch_prefix: str, flax_prefix: str) -> list[Rule]:
 # ConvNeXt.
 
 
+# timm's `stem` Sequential: convs (index per conv) and the closing LayerNorm's index, by stem
+# type (GELU, between the overlap_act convs, has no weights but takes index 1).
+_TIMM_STEMS = {"patch": ((0,), 1), "overlap": ((0, 1), 2), "overlap_tiered": ((0, 1), 2),
+               "overlap_act": ((0, 2), 3)}
+
+
 def convnext_rules(config: Mapping, layout: str = "timm") -> list[Rule]:
   """Rules for `models.convnext.ConvNeXt` params; `layout` is timm (= open_clip's trunk) or hf."""
   c = config
   if layout == "timm":
-    names = dict(stem_conv="stem.0", stem_norm="stem.1", down_norm="stages.{i}.downsample.0",
+    convs, norm = _TIMM_STEMS[c["stem_type"]]
+    stem = [f"stem.{k}" for k in convs] + [f"stem.{norm}"]
+    names = dict(down_norm="stages.{i}.downsample.0",
                  down_conv="stages.{i}.downsample.1", block="stages.{i}.blocks.{j}",
                  dw="conv_dw", norm="norm", fc1="mlp.fc1", fc2="mlp.fc2", gamma="gamma",
                  head="head.norm")
   elif layout == "hf":
-    names = dict(stem_conv="embeddings.patch_embeddings", stem_norm="embeddings.layernorm",
-                 down_norm="encoder.stages.{i}.downsampling_layer.0",
+    _check_hf_representable(c)
+    stem = ["embeddings.patch_embeddings", "embeddings.layernorm"]
+    names = dict(down_norm="encoder.stages.{i}.downsampling_layer.0",
                  down_conv="encoder.stages.{i}.downsampling_layer.1",
                  block="encoder.stages.{i}.layers.{j}", dw="dwconv", norm="layernorm",
                  fc1="pwconv1", fc2="pwconv2", gamma="layer_scale_parameter", head="layernorm")
   else:
     raise ValueError(f"layout: unknown value {layout!r}; expected timm or hf")
-  rules = _conv(names["stem_conv"], "stem_conv") + _norm(names["stem_norm"], "stem_norm")
+  *stem_convs, stem_norm = stem
+  rules = _norm(stem_norm, "stem_norm")
+  for torch_name, flax_name in zip(stem_convs, ("stem_conv", "stem_conv2")):
+    rules += _conv(torch_name, flax_name)
+  strides = convnext_lib.stage_strides(c)
   for i, depth in enumerate(c["depths"]):
-    if i > 0:
+    if strides[i] > 1:
       rules += _norm(names["down_norm"].format(i=i), f"stages_{i}_downsample_norm")
       rules += _conv(names["down_conv"].format(i=i), f"stages_{i}_downsample_conv")
     for j in range(depth):
@@ -87,12 +100,28 @@ def convnext_rules(config: Mapping, layout: str = "timm") -> list[Rule]:
   return rules + _norm(names["head"], "head_norm")
 
 
+def _check_hf_representable(config: Mapping) -> None:
+  """HF's ConvNext has only the patch stem and never downsamples its first stage, where timm
+  (and this trunk) does after a stride-2 stem: those trunks have no HF equivalent."""
+  if config["stem_type"] != "patch" or config["patch_size"] == 2:
+    raise ConversionError(f"convnext: stem_type={config['stem_type']!r}, "
+                          f"patch_size={config['patch_size']} has no HF ConvNext equivalent "
+                          f"(HF: patch stem, no stage-0 downsampling); use the timm layout")
+
+
 def convnext_config_from_state(state: Mapping[str, np.ndarray],
                                base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Sizes read off a timm-layout trunk state dict (no prefix); other fields from `base`."""
   if "stem.0.weight" not in state:
     raise ConversionError("ConvNeXt state dict: no 'stem.0.weight'; not a timm ConvNeXt trunk")
   stem = state["stem.0.weight"]
+  if "stem.3.weight" in state:
+    stem_type = "overlap_act"
+  elif state["stem.1.weight"].ndim == 4:
+    halved = state["stem.0.weight"].shape[0] != state["stem.1.weight"].shape[0]
+    stem_type = "overlap_tiered" if halved else "overlap"
+  else:
+    stem_type = "patch"
   stages = sorted({int(k.split(".")[1]) for k in state if k.startswith("stages.")})
   depths, dims = [], []
   for i in stages:
@@ -106,7 +135,8 @@ def convnext_config_from_state(state: Mapping[str, np.ndarray],
                           f"conv-MLP variants (conv_mlp=True) are not supported")
   cfg = ml_collections.ConfigDict(base.to_dict())
   cfg.depths, cfg.dims = tuple(depths), tuple(dims)
-  cfg.in_channels, cfg.patch_size = int(stem.shape[1]), int(stem.shape[2])
+  cfg.stem_type, cfg.in_channels = stem_type, int(stem.shape[1])
+  cfg.patch_size = int(stem.shape[2]) if stem_type == "patch" else 4
   cfg.kernel_size = int(state["stages.0.blocks.0.conv_dw.weight"].shape[-1])
   if fc1 is not None:
     cfg.mlp_ratio = fc1.shape[0] // fc1.shape[1]
@@ -124,7 +154,8 @@ def convnext_config_from_hf(hf: Mapping, base: ml_collections.ConfigDict
   cfg = ml_collections.ConfigDict(base.to_dict())
   cfg.depths, cfg.dims = tuple(hf["depths"]), tuple(hf["hidden_sizes"])
   cfg.in_channels, cfg.patch_size = hf["num_channels"], hf["patch_size"]
-  cfg.kernel_size, cfg.mlp_ratio = 7, 4
+  cfg.stem_type, cfg.kernel_size, cfg.mlp_ratio = "patch", 7, 4
+  _check_hf_representable(cfg)
   cfg.layer_scale_init = hf["layer_scale_init_value"] if hf["layer_scale_init_value"] > 0 else None
   # HF hard-codes eps 1e-6 inside the trunk; config.layer_norm_eps is its pooler norm's.
   cfg.layer_norm_eps, cfg.head_norm_eps = 1e-6, hf.get("layer_norm_eps", 1e-12)
@@ -135,6 +166,7 @@ def convnext_hf_config(config: Mapping) -> dict:
   """`model.vision.convnext` -> the config.json transformers writes for that ConvNextModel."""
   import transformers  # lazy: torch / transformers load only when weights are converted
   c = config
+  _check_hf_representable(c)
   if c["kernel_size"] != 7 or c["mlp_ratio"] != 4 or c["layer_norm_eps"] != 1e-6:
     raise ConversionError("convnext: HF ConvNext fixes kernel_size=7, mlp_ratio=4, eps=1e-6")
   return transformers.ConvNextConfig(

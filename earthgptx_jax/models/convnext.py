@@ -1,10 +1,13 @@
 """ConvNeXt trunk of open_clip's CLIP-ConvNeXt models (timm `ConvNeXt`), in Flax Linen.
 
 EarthGPT-X takes local texture from a CLIP ConvNeXt (open_clip `convnext_large_d_320`, whose
-visual trunk is timm's `convnext_large`). This is that trunk: a 4x4 patchify stem + LayerNorm,
-then four stages, each a (LayerNorm + 2x2 stride-2 conv) downsampling (stages 1..3) followed by
-blocks of depthwise 7x7 conv -> LayerNorm -> Linear(4C) -> GELU(exact) -> Linear(C) -> layer
-scale -> residual. It returns every stage's feature map and the trunk's pooled, normalised
+visual trunk is timm's `convnext_large`). This is that trunk: a stem (`stem_type` "patch": a
+`patch_size` patchify conv + LayerNorm; timm's "overlap" stems: two 3x3 stride-2 convs, with a
+GELU between them in "overlap_act" and half-width between them in "overlap_tiered", +
+LayerNorm), then stages, each a (LayerNorm + 2x2 stride-2 conv) downsampling (every stage but
+the first; the first too after a stride-2 stem, as timm builds it) followed by blocks of
+depthwise 7x7 conv -> LayerNorm -> Linear(4C) -> GELU(exact) -> Linear(C) -> layer scale ->
+residual. It returns every stage's feature map and the trunk's pooled, normalised
 feature (timm `head.norm`); classifier and CLIP projection heads are not part of the encoder.
 Numerically checked against timm / open_clip / HF ConvNext by tests/test_convnext.py; weights
 convert with `earthgptx_jax.convert.vision`.
@@ -14,6 +17,8 @@ Config: `get_config(...).model.vision.convnext` (configs/fusion.py).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -39,12 +44,38 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f"{tuple(config.dims)}")
   if config.kernel_size % 2 != 1:
     raise ValueError(f"convnext.kernel_size: must be odd, got {config.kernel_size}")
+  if config.stem_type not in STEM_TYPES:
+    raise ValueError(f"convnext.stem_type: unknown value {config.stem_type!r}; expected one of "
+                     f"{STEM_TYPES}")
+  if config.stem_type != "patch" and config.patch_size != 4:
+    raise ValueError(f"convnext.patch_size: the {config.stem_type!r} stem has stride 4; "
+                     f"patch_size={config.patch_size} applies to the 'patch' stem only")
+
+
+STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")
+
+
+def stage_strides(config: Mapping) -> tuple[int, ...]:
+  """Each stage's downsampling stride, by timm's rule: 2 for every stage but the first, and for
+  the first too when the stem's stride is 2 (HF's ConvNext never downsamples stage 0)."""
+  stem_stride = config["patch_size"]  # 4 for the overlap stems (check_config)
+  return tuple(2 if i > 0 or stem_stride == 2 else 1 for i in range(len(config["dims"])))
 
 
 def total_stride(config: ml_collections.ConfigDict, stage: int) -> int:
   """Pixels per feature-map cell at `stage` (negative counts from the end)."""
   stage = range(len(config.dims))[stage]
-  return config.patch_size * 2 ** stage
+  return config.patch_size * math.prod(stage_strides(config)[:stage + 1])
+
+
+def stem_mid_channels(config: ml_collections.ConfigDict) -> int:
+  """Width between the two convs of an overlap stem (timm: dims[0], or half of it rounded to a
+  multiple of 8 by `make_divisible` in "overlap_tiered")."""
+  if config.stem_type != "overlap_tiered":
+    return config.dims[0]
+  half = config.dims[0] // 2
+  rounded = max(8, (half + 4) // 8 * 8)
+  return rounded + 8 if rounded < 0.9 * half else rounded
 
 
 DEPTHWISE_IMPLS = ("auto", "xla", "shift")
@@ -162,7 +193,7 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXtOutput(NamedTuple):
-  stages: tuple[Array, ...]  # per stage i: [B, H / (patch * 2^i), W / (patch * 2^i), dims[i]]
+  stages: tuple[Array, ...]  # per stage i: [B, H / s_i, W / s_i, dims[i]], s_i = total_stride(i)
   pooled: Array  # [B, dims[-1]]: LayerNorm(mean of the last map), timm's `head.norm` /
   #                HF's pooler; unused outputs cost nothing under jit (XLA drops them)
 
@@ -187,14 +218,24 @@ class ConvNeXt(nn.Module):
       raise ValueError(f"convnext input: height and width must be >= {min_side} pixels, got "
                        f"{x.shape[1:3]}")
     block_cls = nn.remat(ConvNeXtBlock) if cfg.remat else ConvNeXtBlock
-    p = cfg.patch_size
     x = x.astype(dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    x = layers.conv(cfg.dims[0], p, stride=p, kernel_init=_KERNEL_INIT, name="stem_conv", **kw)(x)
+    if cfg.stem_type == "patch":
+      p = cfg.patch_size
+      x = layers.conv(cfg.dims[0], p, stride=p, kernel_init=_KERNEL_INIT, name="stem_conv",
+                      **kw)(x)
+    else:
+      x = layers.conv(stem_mid_channels(cfg), 3, stride=2, padding=1, kernel_init=_KERNEL_INIT,
+                      name="stem_conv", **kw)(x)
+      if cfg.stem_type == "overlap_act":
+        x = nn.gelu(x, approximate=False)
+      x = layers.conv(cfg.dims[0], 3, stride=2, padding=1, kernel_init=_KERNEL_INIT,
+                      name="stem_conv2", **kw)(x)
     x = layers.layer_norm(cfg.layer_norm_eps, name="stem_norm", **kw)(x)
     features = []
+    strides = stage_strides(cfg)
     for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
-      if i > 0:
+      if strides[i] > 1:
         x = layers.layer_norm(cfg.layer_norm_eps, name=f"stages_{i}_downsample_norm", **kw)(x)
         x = layers.conv(dim, 2, stride=2, kernel_init=_KERNEL_INIT,
                         name=f"stages_{i}_downsample_conv", **kw)(x)
