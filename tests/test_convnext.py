@@ -187,6 +187,16 @@ def test_parity_with_hf_convnext(hf_folder, base, hw):
   assert _rel_err(out.pooled, ref.pooler_output.numpy()) <= 1e-5
 
 
+def test_hf_folder_with_a_stride_2_stem_is_refused(tmp_path):
+  """HF's ConvNext keeps stage 0 at the stem's stride 2; timm (and this trunk) downsample it, so
+  loading it would silently build another network."""
+  from transformers import ConvNextConfig, ConvNextModel
+  ConvNextModel(ConvNextConfig(depths=[1, 1], hidden_sizes=[8, 16], num_stages=2, patch_size=2)
+                ).save_pretrained(tmp_path)
+  with pytest.raises(keymap.ConversionError, match="patch_size=2 has no HF ConvNext equivalent"):
+    convert.load_convnext(tmp_path, fusion.get_config("tiny").model.vision.convnext)
+
+
 def test_hf_folder_round_trip(hf_folder, base, tmp_path):
   from transformers import ConvNextModel
   folder, model = hf_folder
