@@ -31,6 +31,7 @@ from earthgptx_jax import (checkpointing, evaluation, input_feed, perf, pretrain
                            workdir_lock)
 from earthgptx_jax import progress as progress_lib
 from earthgptx_jax import tokenizer as tokenizer_lib
+from earthgptx_jax.models import earthgptx
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -101,7 +102,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (resuming if possible) to `config.train.steps`; returns the final metrics."""
   initialize_distributed(config)
   preemption = PreemptionFlag()  # first: a SIGTERM during data preparation or compile is handled
-  pipeline.check_config(config)  # before the workdir exists: a bad setting leaves nothing
+  # Before the workdir exists: a bad setting leaves nothing.
+  pipeline.check_config(config)
+  earthgptx.check_config(config.model)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   # One owner per workdir, taken before any data preparation or compile (workdir_lock.py).

@@ -78,8 +78,12 @@ def test_misspelled_override_is_one_line_naming_the_setting(tmp_path):
     (("--config.train.alignment_steps=5", "--config.data.alignment_tasks=('captions',)"),
      "error: data.alignment_tasks: ('captions',)"),
     (("--config.data.synthetic.max_objects=1",), "error: data.synthetic.max_objects: need >= 2"),
+    (("--config.model.vision.convnext.stem_type=conv",), "error: convnext.stem_type: unknown "),
+    (("--config.model.vision.convnext.stem_type=overlap_act",
+      "--config.model.vision.convnext.patch_size=2"), "error: convnext.patch_size: the "),
+    (("--config.model.llm.num_kv_heads=3",), "error: model.llm.num_heads=4 must be a multiple"),
 ])
-def test_bad_data_setting_is_one_line_and_writes_nothing(tmp_path, overrides, named):
+def test_bad_setting_is_one_line_and_writes_nothing(tmp_path, overrides, named):
   """Checked before the workdir or the data exist: no new empty workdir, no minutes of data
   generation before the error."""
   code, lines = _run(tmp_path, *overrides)

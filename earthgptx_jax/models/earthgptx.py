@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from earthgptx_jax.models import box_head, integration, llama, pixel, prompts, regions, vision
+from earthgptx_jax.models import (box_head, convnext, integration, llama, pixel, prompts, regions,
+                                  vision, vit)
 
 
 class EarthGPTXOutput(NamedTuple):
@@ -42,6 +43,15 @@ class VisualFeatures(NamedTuple):
   prompt_llm: jax.Array  # [B, P, K, H] prompt tokens at LLM width
   dense: jax.Array  # [B, h, w, C] the pixel decoder's map
   box_features: jax.Array  # [B, h, w, C] the box head's global-view map ([B, 0, 0, 0] if off)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The encoders' and the LLM's own checks of `config` (= config.model), run before a run
+  writes anything: each raises a ValueError naming the field it cannot build."""
+  llama.check_config(config.llm)
+  convnext.check_config(config.vision.convnext)
+  vit.check_config(config.vision.dino)
+  vit.check_config(config.prompt.sae)
 
 
 def token_id(config: ml_collections.ConfigDict, name: str) -> int:
