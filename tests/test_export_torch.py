@@ -217,8 +217,10 @@ def test_paper_preset_is_representable():
 def test_variant_paths_match_jax(tmp_path):
   """The other branches: SAM decoder on the mixed dense map, DINOv2 with registers (HF
   Dinov2WithRegistersModel) read at its penultimate layer, a scanned and tied LLM, region
-  features from two later ConvNeXt stages only, with the box features."""
+  features from two later ConvNeXt stages only, with the box features, timm's overlapping
+  ConvNeXt stem."""
   config = tiny_config()
+  config.model.vision.convnext.stem_type = "overlap_act"
   config.model.prompt.region.update(sources=("convnext_1", "convnext_3"), bins=3,
                                     box_features=True)
   config.model.pixel.image_encoder = "mixed"
