@@ -23,8 +23,25 @@ def tuples_from_lists(config: ml_collections.ConfigDict) -> ml_collections.Confi
   return config
 
 
+# Fields the base config gained after runs were saved with it, and the value that builds what
+# those runs built: a workdir or export written before keeps loading.
+ADDED_FIELDS = {"model.vision.convnext.stem_type": "patch"}
+
+
+def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets every ADDED_FIELDS entry `config` lacks (where its parent exists), in place."""
+  for dotted, value in ADDED_FIELDS.items():
+    *parents, name = dotted.split(".")
+    node = config
+    for part in parents:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and name not in node:
+      node[name] = value
+  return config
+
+
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The ConfigDict saved as JSON at `path`. Raises OSError / json.JSONDecodeError as is: the
-  caller names the flag the path came from."""
+  """The ConfigDict saved as JSON at `path`, with the fields added since (ADDED_FIELDS).
+  Raises OSError / json.JSONDecodeError as is: the caller names the flag the path came from."""
   with open(path) as f:
-    return tuples_from_lists(ml_collections.ConfigDict(json.load(f)))
+    return with_added_fields(tuples_from_lists(ml_collections.ConfigDict(json.load(f))))

@@ -27,7 +27,6 @@ parity).
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
@@ -38,6 +37,7 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
+from earthgptx_jax import config_io
 from earthgptx_jax.torch_modules import (BoxHead, ContentIntegration, PixelDecoder, PromptEncoder,
                                          RegionEncoder, gather_seg_states, image_token_cells,
                                          normalise, resize, splice_tokens)
@@ -86,7 +86,7 @@ class EarthGPTXTorch(nn.Module):
                            SAE_DIR, SAM_DIR) if not (folder / p).exists()]
     if missing:
       raise FileNotFoundError(f"{folder}: not an EarthGPTXTorch folder, missing {missing}")
-    config = ml_collections.ConfigDict(json.loads((folder / "config.json").read_text()))
+    config = config_io.load_config(folder / "config.json")
     m = config.model
     convnext = timm.models.convnext.ConvNeXt(**convnext_kwargs(m.vision.convnext))
     convnext.load_state_dict(load_file(str(folder / CONVNEXT_DIR / "model.safetensors")))

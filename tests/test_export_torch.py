@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -70,6 +71,19 @@ def test_torch_model_matches_jax(exported):
   assert (batch["targets"] == ids.box).sum(axis=1).tolist() == [1, 1]
   assert (reference["boxes"][:, 0] > 0).any() and not reference["boxes"][:, 1].any()
   assert np.abs(reference["mask_logits"]).max() > 0 and np.isfinite(reference["logits"]).all()
+
+
+def test_folder_written_before_a_config_field_existed_still_loads(exported, tmp_path):
+  """An export (or workdir) saved before the base config gained a field (config_io.ADDED_FIELDS)
+  loads as the network it was: here `model.vision.convnext.stem_type`, absent before timm's
+  overlapping stems."""
+  _, _, folder, _, reference, batch = exported
+  old = tmp_path / "old"
+  shutil.copytree(folder, old)
+  saved = json.loads((old / "config.json").read_text())
+  del saved["model"]["vision"]["convnext"]["stem_type"]
+  (old / "config.json").write_text(json.dumps(saved))
+  assert et.parity(reference, et.torch_outputs(old, batch))["logits"] <= RTOL
 
 
 def test_parity_detects_a_changed_weight(exported, tmp_path):
