@@ -143,7 +143,9 @@ def _finish(proc, cwd):
 
 @pytest.mark.slow
 def test_sigterm_during_data_preparation_exits_zero_saying_nothing_was_saved(tmp_path):
-  proc = _start(tmp_path, "--config.train.steps=4")  # fresh data: it is generated first
+  # Fresh data, generated first; 1500 records a sensor keep that phase seconds long, so the
+  # SIGTERM lands in it (40 take well under a second: the signal then came after it).
+  proc = _start(tmp_path, "--config.train.steps=4", "--config.data.synthetic.num_train=1500")
   assert _wait_for(lambda: "generating synthetic_rs/" in (tmp_path / "err.txt").read_text(), proc)
   proc.send_signal(signal.SIGTERM)
   code, lines = _finish(proc, tmp_path)

@@ -29,11 +29,17 @@ _PALLAS_MIN_BLOCK = 32
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
-  """`auto` -> `cudnn` where cuDNN can run these inputs, else `xla`; validates the name."""
+def check_implementation(implementation: str) -> None:
+  """Raises a ValueError for an unknown name (without touching the backend: config checks run
+  before JAX's runtime starts)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention_impl: unknown value {implementation!r}; expected one of "
                      f"{IMPLEMENTATIONS}")
+
+
+def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
+  """`auto` -> `cudnn` where cuDNN can run these inputs, else `xla`; validates the name."""
+  check_implementation(implementation)
   if implementation != "auto":
     return implementation
   cudnn_ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in map(jnp.dtype, _CUDNN_DTYPES)

@@ -67,7 +67,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.remat and config.remat_policy not in REMAT_POLICIES:
     raise ValueError(f"model.llm.remat_policy={config.remat_policy!r}; expected one of "
                      f"{REMAT_POLICIES}")
-  attention.resolve_implementation(config.attention_impl, config.dtype, config.head_dim)
+  attention.check_implementation(config.attention_impl)
 
 
 def rope_inverse_frequencies(config: ml_collections.ConfigDict) -> np.ndarray:
