@@ -33,6 +33,8 @@ Array = jax.Array
 _KERNEL_INIT = nn.initializers.truncated_normal(0.02)
 _FEATURE_MAP = ("activation_batch", None, None, "activation_embed")
 
+STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")
+
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the field when the module cannot represent `config`."""
@@ -50,9 +52,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.stem_type != "patch" and config.patch_size != 4:
     raise ValueError(f"convnext.patch_size: the {config.stem_type!r} stem has stride 4; "
                      f"patch_size={config.patch_size} applies to the 'patch' stem only")
-
-
-STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")
 
 
 def stage_strides(config: Mapping) -> tuple[int, ...]:
